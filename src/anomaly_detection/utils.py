@@ -41,12 +41,15 @@ def resolve_device(device="auto"):
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{device}' was requested but CUDA is not available; use device=auto or cpu")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-        raise RuntimeError("device 'mps' was requested but MPS is not available; use device=auto or cpu")
     if device not in ("cpu", "mps") and not device.startswith("cuda"):
         raise ValueError(f"unknown device '{device}': expected auto, cpu, cuda, cuda:N or mps")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        # the seed's examples say device="cuda"; they must still run on a CPU-only machine
+        logger.warning("device '%s' was requested but CUDA is not available: running on the CPU", device)
+        return torch.device("cpu")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        logger.warning("device 'mps' was requested but MPS is not available: running on the CPU")
+        return torch.device("cpu")
     return torch.device(device)
 
 
@@ -71,8 +74,25 @@ def atomic_write_text(path, text):
     return _atomic_write(path, lambda handle: handle.write(text), "w")
 
 
+def json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        # NaN/inf are not JSON: an undefined metric is written as null
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
+    return value
+
+
+def to_json(data, indent=None):
+    return json.dumps(json_safe(data), indent=indent, default=_json_default)
+
+
 def atomic_write_json(path, data):
-    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return atomic_write_text(path, to_json(data, indent=2) + "\n")
 
 
 def atomic_torch_save(obj, path):

@@ -1,0 +1,158 @@
+# src/anomaly_detection/cli.py
+import argparse
+import sys
+from pathlib import Path
+
+from anomaly_detection.utils import setup_logging, to_json
+
+DEMO_OVERRIDES = ["model.backbone=tf_efficientnet_lite0", "training.num_epochs=8", "training.batch_size=16",
+                  "data.image_size=128"]
+
+
+def add_overrides(parser):
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. training.num_epochs=5 model.backbone=resnet50")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="anomaly-detection",
+                                     description="Train, evaluate and deploy visual anomaly detection models offline")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate-demo", help="write a generated MVTec-layout category")
+    generate.add_argument("--root", default=None, help="output root (default: demo_dir from configs/paths.yaml)")
+    generate.add_argument("--category", default="demo")
+    generate.add_argument("--kind", default="texture", choices=["texture", "object"])
+    generate.add_argument("--image-size", type=int, default=128)
+    generate.add_argument("--num-train", type=int, default=60)
+    generate.add_argument("--num-test-good", type=int, default=20)
+    generate.add_argument("--num-test-defect", type=int, default=10, help="per defect type")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--overwrite", action="store_true")
+
+    stats = commands.add_parser("stats", help="dataset statistics: counts, image sizes, mask areas")
+    stats.add_argument("--dataset", default="mvtec", help="mvtec, visa, btad or folder")
+    stats.add_argument("--root", default=None, help="dataset root (default: from the config)")
+    stats.add_argument("--category", required=True)
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    train = commands.add_parser("train", help="train one or more categories, then evaluate on the test split")
+    train.add_argument("--model", default="stfpm")
+    train.add_argument("--dataset", default="mvtec")
+    train.add_argument("--category", default=None, help="one category, or a comma-separated list, or 'all'")
+    train.add_argument("--resume", action="store_true", help="continue from the category's last.pt")
+    add_overrides(train)
+
+    test = commands.add_parser("test", help="evaluate a saved checkpoint on its test split")
+    test.add_argument("--checkpoint", required=True)
+    add_overrides(test)
+
+    predict = commands.add_parser("predict", help="score new images with a saved checkpoint")
+    predict.add_argument("--checkpoint", required=True)
+    predict.add_argument("--input", required=True, help="an image file or a folder of images")
+    predict.add_argument("--output", default=None, help="folder for heat-map figures")
+    add_overrides(predict)
+
+    demo = commands.add_parser("demo", help="generated data -> STFPM (pretrained EfficientNet-Lite0) -> metrics")
+    add_overrides(demo)
+    return parser
+
+
+def run_generate(args):
+    from anomaly_detection.config import load_experiment_config
+    from anomaly_detection.data.synthetic import generate_synthetic_category
+    root = args.root or load_experiment_config("stfpm", "demo")["demo_dir"]
+    folder = generate_synthetic_category(root, category=args.category, kind=args.kind, image_size=args.image_size,
+                                         num_train=args.num_train, num_test_good=args.num_test_good,
+                                         num_test_defect=args.num_test_defect, seed=args.seed,
+                                         overwrite=args.overwrite)
+    return {"category_dir": str(folder)}
+
+
+def run_stats(args):
+    from anomaly_detection.config import load_experiment_config
+    from anomaly_detection.data import get_dataset_class
+    from anomaly_detection.data.statistics import dataset_statistics, format_statistics
+    root = args.root or load_experiment_config("stfpm", args.dataset)["dataset"]["root_dir"]
+    stats = dataset_statistics(get_dataset_class(args.dataset if args.dataset != "demo" else "mvtec"),
+                               root, args.category)
+    if not args.json:
+        print(format_statistics(stats))
+    return stats
+
+
+def resolve_categories(config, category):
+    from anomaly_detection.data import get_dataset_class
+    if category is None:
+        return [str(config["dataset"]["category"])]
+    if category == "all":
+        known = get_dataset_class(config["dataset"]["name"]).categories()
+        if not known:
+            raise ValueError(f"dataset '{config['dataset']['name']}' has no fixed category list: name them")
+        return known
+    return [part.strip() for part in category.split(",") if part.strip()]
+
+
+def run_train(args):
+    from anomaly_detection.runner import build_config, train_and_evaluate
+    config = build_config(args.model, args.dataset, args.overrides)
+    results = [train_and_evaluate(config, category, resume=args.resume)
+               for category in resolve_categories(config, args.category)]
+    return results[0] if len(results) == 1 else summarize_categories(results)
+
+
+def summarize_categories(results):
+    import math
+    summary = {"categories": results}
+    for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max"):
+        values = [r[key] for r in results if r.get(key) is not None and not math.isnan(r[key])]
+        summary[key] = sum(values) / len(values) if values else None
+    for key in ("fit_s", "test_s"):
+        summary[key] = sum(r[key] for r in results)
+    summary["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)
+    return summary
+
+
+def run_test(args):
+    from anomaly_detection.runner import test_checkpoint
+    return test_checkpoint(args.checkpoint, args.overrides)
+
+
+def run_predict(args):
+    from anomaly_detection.data.datasets import list_images
+    from anomaly_detection.runner import predict_images
+    source = Path(args.input)
+    paths = list_images(source) if source.is_dir() else [source]
+    if not paths:
+        raise FileNotFoundError(f"No images found at {source}")
+    results = predict_images(args.checkpoint, paths, args.output, args.overrides)
+    for record in results:
+        print(to_json(record))
+    return {"images": len(results), "anomalous": sum(bool(r.get("anomalous")) for r in results)}
+
+
+def run_demo(args):
+    from anomaly_detection.runner import build_config, train_and_evaluate
+    config = build_config("stfpm", "demo", DEMO_OVERRIDES + list(args.overrides))
+    return train_and_evaluate(config)
+
+
+COMMANDS = {"generate-demo": run_generate, "stats": run_stats, "train": run_train, "test": run_test,
+            "predict": run_predict, "demo": run_demo}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        result = COMMANDS[args.command](args)
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    # the last line of output is one JSON object, for scripts
+    print(to_json(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+# src/anomaly_detection/trainer.py
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from anomaly_detection.utils import atomic_torch_save, logger, resolve_device, seed_everything
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+class BaseTrainer:
+    def __init__(self, model, loss_fn=None, device="auto", learning_rate=None, config=None, seed=None,
+                 checkpoint_dir=None, log_dir=None, mixed_precision=False, gradient_clip_norm=None,
+                 monitor="val_loss", monitor_mode="min", progress_bar=True):
+        self.device = resolve_device(device)
+        self.model = model.to(self.device)
+        self.loss_fn = loss_fn.to(self.device) if isinstance(loss_fn, torch.nn.Module) else loss_fn
+        self.learning_rate = learning_rate
+        self.config = config or {}
+        self.seed = seed
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.use_amp = bool(mixed_precision) and self.device.type == "cuda"
+        self.gradient_clip_norm = gradient_clip_norm
+        if monitor_mode not in ("min", "max"):
+            raise ValueError(f"monitor_mode must be 'min' or 'max', got '{monitor_mode}'")
+        self.monitor = monitor
+        self.monitor_mode = monitor_mode
+        self.progress_bar = progress_bar
+        self.optimizer = None
+        self.scheduler = None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.current_epoch = 0
+        self.global_step = 0
+        self.best_value = None
+        self.history = []
+        self.writer = None
+
+    # ---- methods a subclass provides -------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        raise NotImplementedError(f"{type(self).__name__} must implement training_step(batch, batch_idx)")
+
+    def validation_step(self, batch, batch_idx):
+        raise NotImplementedError(f"{type(self).__name__} must implement validation_step(batch, batch_idx)")
+
+    def configure_optimizers(self):
+        return None
+
+    def compute_validation_metrics(self, step_outputs):
+        losses = [float(out["loss"]) for out in step_outputs if isinstance(out, dict) and "loss" in out]
+        return {"val_loss": sum(losses) / len(losses)} if losses else {}
+
+    # ---- hooks (the seed's names and signatures) -------------------------------------------------
+    def on_fit_start(self):
+        pass
+
+    def on_fit_end(self):
+        pass
+
+    def on_train_epoch_start(self, epoch):
+        pass
+
+    def on_train_epoch_end(self, epoch, train_loss):
+        pass
+
+    def on_validation_epoch_start(self, epoch):
+        pass
+
+    def on_validation_epoch_end(self, epoch, val_metrics):
+        pass
+
+    def on_train_batch_start(self, batch, batch_idx):
+        pass
+
+    def on_train_batch_end(self, batch, batch_idx, outputs, loss):
+        pass
+
+    def on_validation_batch_start(self, batch, batch_idx):
+        pass
+
+    def on_validation_batch_end(self, batch, batch_idx, outputs):
+        pass
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def fit(self, train_loader, val_loader=None, num_epochs=1, resume_from=None):
+        if self.seed is not None:
+            seed_everything(self.seed)
+        self._set_optimizers(self.configure_optimizers())
+        start_epoch = 0
+        if resume_from is not None:
+            start_epoch = self.load_checkpoint(resume_from, restore_training_state=True) + 1
+        self._open_writer()
+        self.on_fit_start()
+        for epoch in range(start_epoch, num_epochs):
+            self.current_epoch = epoch
+            started = time.perf_counter()
+            train_loss = self.train_epoch(train_loader, epoch)
+            self.on_train_epoch_end(epoch, train_loss)
+            val_metrics = self.validate(val_loader, epoch) if val_loader is not None else {}
+            record = {"epoch": epoch, "train_loss": train_loss, **val_metrics,
+                      "epoch_s": time.perf_counter() - started}
+            self.history.append(record)
+            self._log_epoch(record)
+            self.save_epoch_checkpoints(epoch, record)
+        self.on_fit_end()
+        self._close_writer()
+        return self.history
+
+    def train_epoch(self, train_loader, epoch):
+        self.model.train()
+        self.on_train_epoch_start(epoch)
+        total, count = 0.0, 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch}", disable=not self.progress_bar, leave=False)
+        for batch_idx, batch in enumerate(bar):
+            self.on_train_batch_start(batch, batch_idx)
+            with torch.autocast(self.device.type, enabled=self.use_amp):
+                outputs = self.training_step(batch, batch_idx)
+            loss = outputs.get("loss") if isinstance(outputs, dict) else None
+            if loss is not None:
+                if not torch.isfinite(loss.detach()).all():
+                    raise FloatingPointError(f"Loss became {loss.item()} at epoch {epoch}, batch {batch_idx}: "
+                                             "lower the learning rate or enable gradient clipping")
+                if self.optimizer is not None:
+                    self.optimization_step(loss)
+                total += float(loss.detach())
+                count += 1
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+                if self.writer is not None:
+                    self.writer.add_scalar("train/loss_step", float(loss.detach()), self.global_step)
+            self.global_step += 1
+            self.on_train_batch_end(batch, batch_idx, outputs, loss)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return total / count if count else float("nan")
+
+    def optimization_step(self, loss):
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.gradient_clip_norm:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.gradient_clip_norm))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    @torch.no_grad()
+    def validate(self, val_loader, epoch):
+        self.model.eval()
+        self.on_validation_epoch_start(epoch)
+        step_outputs = []
+        for batch_idx, batch in enumerate(val_loader):
+            self.on_validation_batch_start(batch, batch_idx)
+            with torch.autocast(self.device.type, enabled=self.use_amp):
+                outputs = self.validation_step(batch, batch_idx)
+            step_outputs.append(outputs)
+            self.on_validation_batch_end(batch, batch_idx, outputs)
+        val_metrics = self.compute_validation_metrics(step_outputs)
+        self.on_validation_epoch_end(epoch, val_metrics)
+        return val_metrics
+
+    # ---- optimizers, logging ---------------------------------------------------------------------
+    def _set_optimizers(self, configured):
+        if configured is None:
+            self.optimizer, self.scheduler = None, None
+        elif isinstance(configured, torch.optim.Optimizer):
+            self.optimizer, self.scheduler = configured, None
+        elif isinstance(configured, dict) and "optimizer" in configured:
+            self.optimizer, self.scheduler = configured["optimizer"], configured.get("scheduler")
+        else:
+            raise TypeError("configure_optimizers() must return None, an optimizer or "
+                            f"{{'optimizer': ..., 'scheduler': ...}}, got {type(configured).__name__}")
+
+    def _open_writer(self):
+        if self.log_dir is not None and self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.log_dir))
+
+    def _close_writer(self):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def _log_epoch(self, record):
+        parts = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch" and isinstance(v, float))
+        logger.info("epoch %d: %s", record["epoch"], parts)
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(f"epoch/{key}", value, record["epoch"])
+            if self.optimizer is not None:
+                self.writer.add_scalar("epoch/learning_rate", self.optimizer.param_groups[0]["lr"], record["epoch"])
+            self.writer.flush()
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def is_better(self, value):
+        if value is None or not math.isfinite(value):
+            return False
+        if self.best_value is None:
+            return True
+        return value < self.best_value if self.monitor_mode == "min" else value > self.best_value
+
+    def save_epoch_checkpoints(self, epoch, record):
+        monitored = record.get(self.monitor)
+        improved = self.is_better(monitored)
+        if improved:
+            self.best_value = float(monitored)
+        if self.checkpoint_dir is None:
+            return
+        self.save_checkpoint(self.checkpoint_dir / "last.pt", epoch)
+        # without the monitored value (no validation data) the newest weights are the best we can name
+        if improved or monitored is None:
+            self.save_checkpoint(self.checkpoint_dir / "best.pt", epoch)
+
+    def checkpoint_state(self, epoch):
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model_class": type(self.model).__name__,
+            "trainer_class": type(self).__name__,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.use_amp else None,
+            "epoch": epoch,
+            "global_step": self.global_step,
+            "best_value": self.best_value,
+            "monitor": self.monitor,
+            "history": self.history,
+            "config": self.config,
+            "rng": capture_rng_state(),
+        }
+
+    def save_checkpoint(self, path, epoch=None, extra=None):
+        state = self.checkpoint_state(self.current_epoch if epoch is None else epoch)
+        state.update(extra or {})
+        return atomic_torch_save(state, path)
+
+    def load_checkpoint(self, path, restore_training_state=False):
+        state = load_checkpoint_file(path, expected_model_class=type(self.model).__name__)
+        self.model.load_state_dict(state["model"])
+        if restore_training_state:
+            if self.optimizer is not None and state.get("optimizer") is not None:
+                self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None and state.get("scheduler") is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+            if self.use_amp and state.get("scaler") is not None:
+                self.scaler.load_state_dict(state["scaler"])
+            self.global_step = int(state.get("global_step", 0))
+            self.best_value = state.get("best_value")
+            self.history = list(state.get("history") or [])
+            restore_rng_state(state.get("rng"))
+        return int(state["epoch"])
+
+
+def load_checkpoint_file(path, expected_model_class=None, map_location="cpu"):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"Cannot read checkpoint {path}: the file is corrupt or not a checkpoint "
+                              f"({type(error).__name__}: {error})") from None
+    if not isinstance(state, dict) or "model" not in state or "model_class" not in state:
+        raise CheckpointError(f"{path} is not an anomaly_detection checkpoint (no 'model'/'model_class' keys)")
+    if expected_model_class is not None and state["model_class"] != expected_model_class:
+        raise CheckpointError(f"Checkpoint {path} holds a {state['model_class']}, "
+                              f"but this trainer's model is a {expected_model_class}")
+    return state
+
+
+def capture_rng_state():
+    numpy_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
+                  "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state):
+    if not state:
+        return
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def base_trainer_options(config):
+    training = config.get("training", {})
+    return {
+        "device": config.get("device", "auto"),
+        "seed": config.get("seed"),
+        "config": config,
+        "mixed_precision": training.get("mixed_precision", False),
+        "gradient_clip_norm": training.get("gradient_clip_norm"),
+        "monitor": training.get("monitor", "val_loss"),
+        "monitor_mode": training.get("monitor_mode", "min"),
+        "progress_bar": training.get("progress_bar", True),
+    }
