@@ -56,7 +56,8 @@ def main():
     rows.append(("compute_pixel_auroc", seconds, f"{auroc:.6f}"))
     if not args.skip_sklearn:
         baseline, baseline_seconds = timed(lambda: roc_auc_score(masks.ravel(), maps.ravel()))
-        rows.append(("sklearn roc_auc_score", baseline_seconds, f"{baseline:.6f} (|diff| {abs(baseline - auroc):.1e})"))
+        value = f"{baseline:.6f} (|diff| {abs(baseline - auroc):.1e})"
+        rows.append(("sklearn roc_auc_score", baseline_seconds, value))
     average_precision, seconds = timed(compute_pixel_average_precision, maps, masks)
     rows.append(("compute_pixel_average_precision", seconds, f"{average_precision:.6f}"))
     (f1, threshold), seconds = timed(compute_pixel_f1_max, maps, masks)

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 # Height differs from width so a transposed axis shows up as a shape error.
@@ -157,3 +158,13 @@ def shared_data_dir():
     if not path.is_dir():
         pytest.skip(f"shared data folder {path} is absent")
     return path
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    # on a busy 2-core machine a second intra-op thread mostly waits for a core: tiny tensors run
+    # many times faster with one
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

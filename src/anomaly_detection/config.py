@@ -144,6 +144,8 @@ def _absolutize_paths(config, project_root):
             path = Path(os.path.expanduser(value))
             if not path.is_absolute():
                 config[key] = str((Path(project_root) / path).resolve())
+            elif value.startswith("~"):
+                config[key] = str(path)
     return config
 
 

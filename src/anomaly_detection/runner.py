@@ -112,8 +112,12 @@ def train_and_evaluate(config, category=None, resume=False):
     started = time.perf_counter()
     metrics = evaluator.evaluate(test_loader, threshold)
     test_s = time.perf_counter() - started
+    epochs = [record for record in trainer.history if "train_s" in record]
     return summarize(config, category, metrics, dirs["results"], model_path, fit_s=fit_s, test_s=test_s,
-                     num_test_images=len(test_loader.dataset), num_train_images=len(train_loader.dataset))
+                     num_test_images=len(test_loader.dataset), num_train_images=len(train_loader.dataset),
+                     epochs_run=len(epochs), best_epoch=epoch,
+                     train_s_per_epoch=sum(r["train_s"] for r in epochs) / len(epochs) if epochs else None,
+                     epoch_s=[round(r["epoch_s"], 3) for r in epochs])
 
 
 def summarize(config, category, metrics, results_dir, model_path, **figures):

@@ -29,7 +29,8 @@ class BaseTrainer:
         self.seed = seed
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.log_dir = Path(log_dir) if log_dir else None
-        self.use_amp = bool(mixed_precision) and self.device.type == "cuda"
+        self.amp_dtype = resolve_amp_dtype(mixed_precision, self.device)
+        self.use_amp = self.amp_dtype is not None
         self.gradient_clip_norm = gradient_clip_norm
         if monitor_mode not in ("min", "max"):
             raise ValueError(f"monitor_mode must be 'min' or 'max', got '{monitor_mode}'")
@@ -38,7 +39,8 @@ class BaseTrainer:
         self.progress_bar = progress_bar
         self.optimizer = None
         self.scheduler = None
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        # bfloat16 has float32's exponent range: only float16 needs loss scaling
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.current_epoch = 0
         self.global_step = 0
         self.best_value = None
@@ -105,8 +107,9 @@ class BaseTrainer:
             started = time.perf_counter()
             train_loss = self.train_epoch(train_loader, epoch)
             self.on_train_epoch_end(epoch, train_loss)
+            train_s = time.perf_counter() - started
             val_metrics = self.validate(val_loader, epoch) if val_loader is not None else {}
-            record = {"epoch": epoch, "train_loss": train_loss, **val_metrics,
+            record = {"epoch": epoch, "train_loss": train_loss, **val_metrics, "train_s": train_s,
                       "epoch_s": time.perf_counter() - started}
             self.history.append(record)
             self._log_epoch(record)
@@ -122,7 +125,7 @@ class BaseTrainer:
         bar = tqdm(train_loader, desc=f"epoch {epoch}", disable=not self.progress_bar, leave=False)
         for batch_idx, batch in enumerate(bar):
             self.on_train_batch_start(batch, batch_idx)
-            with torch.autocast(self.device.type, enabled=self.use_amp):
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
                 outputs = self.training_step(batch, batch_idx)
             loss = outputs.get("loss") if isinstance(outputs, dict) else None
             if loss is not None:
@@ -158,7 +161,7 @@ class BaseTrainer:
         step_outputs = []
         for batch_idx, batch in enumerate(val_loader):
             self.on_validation_batch_start(batch, batch_idx)
-            with torch.autocast(self.device.type, enabled=self.use_amp):
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
                 outputs = self.validation_step(batch, batch_idx)
             step_outputs.append(outputs)
             self.on_validation_batch_end(batch, batch_idx, outputs)
@@ -227,7 +230,7 @@ class BaseTrainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.scaler.state_dict() if self.use_amp else None,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "epoch": epoch,
             "global_step": self.global_step,
             "best_value": self.best_value,
@@ -250,13 +253,41 @@ class BaseTrainer:
                 self.optimizer.load_state_dict(state["optimizer"])
             if self.scheduler is not None and state.get("scheduler") is not None:
                 self.scheduler.load_state_dict(state["scheduler"])
-            if self.use_amp and state.get("scaler") is not None:
+            if self.scaler.is_enabled() and state.get("scaler") is not None:
                 self.scaler.load_state_dict(state["scaler"])
             self.global_step = int(state.get("global_step", 0))
             self.best_value = state.get("best_value")
             self.history = list(state.get("history") or [])
             restore_rng_state(state.get("rng"))
         return int(state["epoch"])
+
+
+def resolve_amp_dtype(mixed_precision, device):
+    if mixed_precision in (None, False, "false", "no", "off"):
+        return None
+    choices = {True: None, "true": None, "auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+               "fp16": torch.float16, "float16": torch.float16}
+    if mixed_precision not in choices:
+        raise ValueError(f"training.mixed_precision must be false, true/auto, bf16 or fp16, got '{mixed_precision}'")
+    dtype = choices[mixed_precision]
+    if device.type == "cuda":
+        return dtype or torch.float16
+    if device.type == "cpu":
+        if dtype == torch.float16:
+            raise ValueError("training.mixed_precision=fp16 needs CUDA; on the CPU use bf16")
+        if not cpu_has_native_bf16():
+            logger.warning("mixed precision: this CPU has no native bfloat16 support, training in float32")
+            return None
+        return torch.bfloat16
+    logger.warning("mixed precision is not supported on %s: training in float32", device.type)
+    return None
+
+
+def cpu_has_native_bf16():
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def load_checkpoint_file(path, expected_model_class=None, map_location="cpu"):

@@ -59,8 +59,8 @@ def _open_image(path):
     return image
 
 
-def _to_float_array(image):
-    # 16-bit and float images keep their full range instead of being clipped by convert("L")
+def _to_array(image):
+    # 8-bit images stay uint8 until after the resize (cheaper); 16-bit and float images keep their range
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return np.asarray(image, dtype=np.float32) / 65535.0
     if image.mode == "I":
@@ -70,18 +70,24 @@ def _to_float_array(image):
         array = np.asarray(image, dtype=np.float32)
         low, high = float(array.min()), float(array.max())
         return (array - low) / (high - low) if high > low else np.zeros_like(array)
-    if image.mode in ("1", "L"):
-        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-    if image.mode == "LA":
-        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    if image.mode in ("1", "L", "LA"):
+        return np.asarray(image.convert("L"))
+    return np.asarray(image.convert("RGB"))
 
 
-def load_image(path):
-    array = _to_float_array(_open_image(path))
+def load_image_raw(path):
+    array = _to_array(_open_image(path))
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def to_float_image(image):
+    return image.float().div_(255.0) if image.dtype == torch.uint8 else image
+
+
+def load_image(path):
+    return to_float_image(load_image_raw(path))
 
 
 def load_mask(path):
@@ -146,7 +152,7 @@ class AnomalyDataset(Dataset):
 
     def __getitem__(self, index):
         sample = self.samples[index]
-        image = load_image(sample["image_path"])
+        image = load_image_raw(sample["image_path"])
         if sample["mask_path"]:
             mask = load_mask(sample["mask_path"])
             if mask.shape[-2:] != image.shape[-2:]:
@@ -157,6 +163,7 @@ class AnomalyDataset(Dataset):
             mask = torch.zeros((1,) + tuple(image.shape[-2:]), dtype=torch.float32)
         if self.transform is not None:
             image, mask = apply_transform(self.transform, image, mask)
+        image = to_float_image(image)
         return {
             "image": image,
             "mask": mask,
@@ -171,7 +178,7 @@ class AnomalyDataset(Dataset):
 def apply_transform(transform, image, mask):
     if getattr(transform, "handles_masks", False):
         return transform(image, mask)
-    image = transform(image)
+    image = transform(to_float_image(image))
     if tuple(mask.shape[-2:]) != tuple(image.shape[-2:]):
         mask = torch.nn.functional.interpolate(mask[None], size=tuple(image.shape[-2:]), mode="nearest")[0]
     return image, mask

@@ -60,7 +60,8 @@ class PairedTransform:
         if self.hflip and torch.rand(()) < self.hflip:
             image = image.flip(-1)
             mask = mask.flip(-1) if mask is not None else None
-        image = TF.normalize(image.clamp(0.0, 1.0), list(self.mean), list(self.std))
+        image = image.float().div_(255.0) if image.dtype == torch.uint8 else image.clamp(0.0, 1.0)
+        image = TF.normalize(image, list(self.mean), list(self.std))
         return (image, mask) if mask is not None else image
 
     def __repr__(self):

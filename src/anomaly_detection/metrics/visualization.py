@@ -80,7 +80,8 @@ def plot_anomaly_panel(image_hw3, mask_hw, anomaly_map_hw, threshold, title, pat
         axes[3].set_title("Prediction (no threshold)")
     else:
         predicted = anomaly_map >= threshold
-        axes[3].imshow(np.ma.masked_where(~predicted, predicted.astype(np.float32)), cmap=_RED, alpha=0.4, extent=map_edges)
+        overlay = np.ma.masked_where(~predicted, predicted.astype(np.float32))
+        axes[3].imshow(overlay, cmap=_RED, alpha=0.4, extent=map_edges)
         _draw_contour(axes[3], predicted, height, width, "yellow")
         axes[3].set_title(f"Prediction (score >= {threshold:.4g})")
     figure.suptitle(title)
@@ -135,7 +136,8 @@ def plot_score_histogram(scores, labels, path, threshold=None, title="Anomaly sc
     bins = np.histogram_bin_edges(scores, bins=40)
     for selected, name, color in ((~labels, "good", "tab:green"), (labels, "defective", "tab:red")):
         if selected.any():
-            axis.hist(scores[selected], bins=bins, alpha=0.6, color=color, label=f"{name} (n={int(selected.sum())})")
+            label = f"{name} (n={int(selected.sum())})"
+            axis.hist(scores[selected], bins=bins, alpha=0.6, color=color, label=label)
     if threshold is not None:
         axis.axvline(threshold, color="black", linestyle="--", label=f"threshold = {threshold:.4g}")
     axis.set(title=title, xlabel="Anomaly score", ylabel="Count")

@@ -287,6 +287,8 @@ class FeatureExtractor(nn.Module):
         steps = spec["steps"]
         self._steps = steps[: max(steps.index(layer) for layer in self.layers) + 1]
         self.backbone = _truncate(build_backbone(backbone, pretrained, weights, backbone_root), self._steps)
+        # channels-last convolutions are 2-8x faster on CPU (oneDNN) for these nets, backward included
+        self.backbone.to(memory_format=torch.channels_last)
         self.frozen = frozen
         if frozen:
             self.backbone.requires_grad_(False)
@@ -298,7 +300,7 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, images):
         features = {}
-        hidden = images
+        hidden = images.contiguous(memory_format=torch.channels_last)
         for step in self._steps:
             hidden = self.backbone.get_submodule(step)(hidden)
             if step in self.channels:

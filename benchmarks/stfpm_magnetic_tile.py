@@ -1,0 +1,106 @@
+# benchmarks/stfpm_magnetic_tile.py
+# STFPM on the real magnetic_tile category: accuracy, train s/epoch, test s/image and peak RSS, each run
+# in its own process (so peak RSS is per run), plus the inference-throughput ratio against the raw
+# backbone forward passes, measured in this process.
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def run_training(args, backbone, epochs, work):
+    overrides = [
+        f"mvtec_dir={args.root}", f"output_dir={work}", f"model.backbone={backbone}",
+        f"training.num_epochs={epochs}", f"data.image_size={args.image_size}",
+        f"training.batch_size={args.batch_size}", f"data.num_workers={args.num_workers}",
+        "training.progress_bar=false", f"evaluation.figures={str(args.figures).lower()}",
+    ]
+    if backbone == "mobilenet_v2":
+        overrides.append(f"model.weights={args.mobilenet_weights}")
+    command = [sys.executable, "-m", "anomaly_detection.cli", "train", "--model", "stfpm", "--dataset", "mvtec",
+               "--category", "magnetic_tile"] + overrides
+    print("+", " ".join(command), file=sys.stderr, flush=True)
+    completed = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+    if completed.returncode != 0:
+        raise SystemExit(f"training failed with exit code {completed.returncode}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+@torch.no_grad()
+def throughput(backbone, image_size, batch_size, repeats, weights=None):
+    from anomaly_detection.models.stfpm import STFPMModel
+    model = STFPMModel(backbone, weights=weights).eval()
+    images = torch.randn(batch_size, 3, image_size, image_size)
+
+    def rate(function):
+        function()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            function()
+        return repeats * batch_size / (time.perf_counter() - started)
+
+    teacher = rate(lambda: model.teacher(images))
+    both = rate(lambda: (model.teacher(images), model.student(images)))
+    full = rate(lambda: model(images))
+    return {"backbone": backbone, "teacher_forward_img_s": teacher, "teacher_student_forward_img_s": both,
+            "stfpm_inference_img_s": full, "ratio_to_teacher_student": full / both,
+            "ratio_to_teacher": full / teacher}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--root", default=str(SHARED / "data"))
+    parser.add_argument("--backbones", default="tf_efficientnet_lite0,mobilenet_v2")
+    parser.add_argument("--mobilenet-weights", default=str(SHARED / "weights" / "mobilenet_v2_imagenet_coral.pth"))
+    parser.add_argument("--epochs", default="3", help="comma-separated list of epoch counts to run")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--figures", action="store_true", help="also write the evaluator's figures")
+    parser.add_argument("--throughput-only", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--out", default=None, help="append JSON lines here")
+    args = parser.parse_args()
+    results = []
+    for backbone in args.backbones.split(","):
+        if not args.throughput_only:
+            for epochs in [int(e) for e in args.epochs.split(",")]:
+                with tempfile.TemporaryDirectory(prefix="stfpm-bench-") as work:
+                    summary = run_training(args, backbone, epochs, work)
+                summary.update(backbone=backbone, epochs=epochs, image_size=args.image_size)
+                results.append(summary)
+                print(json.dumps(summary), flush=True)
+        if not args.skip_throughput:
+            weights = args.mobilenet_weights if backbone == "mobilenet_v2" else None
+            record = throughput(backbone, args.image_size, 16, 5, weights)
+            results.append(record)
+            print(json.dumps(record), flush=True)
+    if args.out:
+        with open(args.out, "a") as handle:
+            for record in results:
+                handle.write(json.dumps(record) + "\n")
+    print(f"\n{'backbone':<24}{'epochs':>7}{'image':>8}{'pixel':>8}{'AU-PRO':>8}{'s/epoch':>9}"
+          f"{'test s/img':>11}{'RSS MB':>8}")
+    for r in results:
+        if "image_auroc" in r:
+            print(f"{r['backbone']:<24}{r['epochs']:>7}{r['image_auroc']:>8.3f}{r['pixel_auroc']:>8.3f}"
+                  f"{r['aupro']:>8.3f}{r['train_s_per_epoch']:>9.1f}{r['test_s_per_image']:>11.3f}"
+                  f"{r['peak_rss_mb']:>8.0f}")
+    for r in results:
+        if "ratio_to_teacher_student" in r:
+            print(f"{r['backbone']}: inference {r['stfpm_inference_img_s']:.1f} img/s = "
+                  f"{r['ratio_to_teacher_student']:.2f}x teacher+student forward "
+                  f"({r['teacher_student_forward_img_s']:.1f} img/s), teacher alone {r['teacher_forward_img_s']:.1f} img/s")
+
+
+if __name__ == "__main__":
+    main()
