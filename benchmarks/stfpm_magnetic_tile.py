@@ -23,7 +23,7 @@ def run_training(args, backbone, epochs, work):
         f"training.num_epochs={epochs}", f"data.image_size={args.image_size}",
         f"training.batch_size={args.batch_size}", f"data.num_workers={args.num_workers}",
         "training.progress_bar=false", f"evaluation.figures={str(args.figures).lower()}",
-    ]
+    ] + args.extra.split()
     if backbone == "mobilenet_v2":
         overrides.append(f"model.weights={args.mobilenet_weights}")
     command = [sys.executable, "-m", "anomaly_detection.cli", "train", "--model", "stfpm", "--dataset", "mvtec",
@@ -32,6 +32,23 @@ def run_training(args, backbone, epochs, work):
     completed = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
     if completed.returncode != 0:
         raise SystemExit(f"training failed with exit code {completed.returncode}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def run_peer(args, epochs, work):
+    # Anomalib 2.7.0 with the very same ImageNet weights (re-keyed for timm) and layers, in its own venv
+    weights = Path(work) / "lite0_timm.pth"
+    subprocess.run([sys.executable, str(SHARED / "peer" / "lite0_for_timm.py"), str(weights)], check=True,
+                   stdout=subprocess.DEVNULL)
+    command = [args.peer_python, str(SHARED / "peer" / "run_anomalib.py"), "--root", args.root,
+               "--category", "magnetic_tile", "--model", "stfpm", "--backbone", "tf_efficientnet_lite0",
+               "--weights", str(weights), "--layers", "blocks.1,blocks.2,blocks.4", "--epochs", str(epochs),
+               "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--seed", "0"]
+    print("+", " ".join(command), file=sys.stderr, flush=True)
+    completed = subprocess.run(command, stdout=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PEER_WORK=str(Path(work) / "peer")))
+    if completed.returncode != 0:
+        raise SystemExit(f"Anomalib failed with exit code {completed.returncode}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
@@ -68,15 +85,26 @@ def main():
     parser.add_argument("--figures", action="store_true", help="also write the evaluator's figures")
     parser.add_argument("--throughput-only", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--extra", default="", help="extra key=value overrides for our runs, space-separated")
+    parser.add_argument("--peer", action="store_true", help="also run Anomalib 2.7.0 STFPM with the same settings")
+    parser.add_argument("--peer-python", default=str(Path(tempfile.gettempdir()) / "peer-venv" / "bin" / "python"))
     parser.add_argument("--out", default=None, help="append JSON lines here")
     args = parser.parse_args()
     results = []
+    if args.peer:
+        for epochs in [int(e) for e in args.epochs.split(",")]:
+            with tempfile.TemporaryDirectory(prefix="stfpm-peer-") as work:
+                peer = run_peer(args, epochs, work)
+            peer.update(framework="anomalib", backbone="tf_efficientnet_lite0", epochs=epochs)
+            results.append(peer)
+            print(json.dumps(peer), flush=True)
     for backbone in args.backbones.split(","):
         if not args.throughput_only:
             for epochs in [int(e) for e in args.epochs.split(",")]:
                 with tempfile.TemporaryDirectory(prefix="stfpm-bench-") as work:
                     summary = run_training(args, backbone, epochs, work)
-                summary.update(backbone=backbone, epochs=epochs, image_size=args.image_size)
+                summary.update(framework="ours", backbone=backbone, epochs=epochs, image_size=args.image_size,
+                               extra=args.extra)
                 results.append(summary)
                 print(json.dumps(summary), flush=True)
         if not args.skip_throughput:
@@ -91,7 +119,11 @@ def main():
     print(f"\n{'backbone':<24}{'epochs':>7}{'image':>8}{'pixel':>8}{'AU-PRO':>8}{'s/epoch':>9}"
           f"{'test s/img':>11}{'RSS MB':>8}")
     for r in results:
-        if "image_auroc" in r:
+        if r.get("framework") == "anomalib":
+            print(f"{'anomalib ' + r['backbone']:<24}{r['epochs']:>7}{r['image_auroc']:>8.3f}{r['pixel_auroc']:>8.3f}"
+                  f"{r.get('pixel_aupro', float('nan')):>8.3f}{r['train_s'] / r['epochs']:>9.1f}"
+                  f"{r['test_s'] / r['test_images']:>11.3f}{r['peak_rss_mb']:>8.0f}")
+        elif "image_auroc" in r:
             print(f"{r['backbone']:<24}{r['epochs']:>7}{r['image_auroc']:>8.3f}{r['pixel_auroc']:>8.3f}"
                   f"{r['aupro']:>8.3f}{r['train_s_per_epoch']:>9.1f}{r['test_s_per_image']:>11.3f}"
                   f"{r['peak_rss_mb']:>8.0f}")

@@ -146,7 +146,7 @@ def main(argv=None):
     setup_logging()
     try:
         result = COMMANDS[args.command](args)
-    except (FileNotFoundError, ValueError, RuntimeError, OSError) as error:
+    except (FileNotFoundError, ValueError, RuntimeError, OSError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     # the last line of output is one JSON object, for scripts

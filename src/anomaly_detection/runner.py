@@ -55,14 +55,21 @@ def build_loaders(config, category):
     if val_set is not None:
         # validation images are scored like test images: no training augmentation
         val_set.dataset = build_dataset(config["dataset"], "train", test_transform, category=category)
-    test_set = build_dataset(config["dataset"], "test", test_transform, category=category)
     workers = int(data.get("num_workers", 0))
-    eval_batch = int(data.get("eval_batch_size", training.get("batch_size", 32)))
     train_loader = create_dataloader(train_set, int(training.get("batch_size", 32)), shuffle=True,
                                      num_workers=workers, drop_last=bool(training.get("drop_last", False)))
-    val_loader = create_dataloader(val_set, eval_batch, num_workers=workers) if val_set is not None else None
-    test_loader = create_dataloader(test_set, eval_batch, num_workers=workers)
-    return train_loader, val_loader, test_loader
+    val_loader = create_dataloader(val_set, eval_batch_size(config), num_workers=workers) if val_set is not None else None
+    return train_loader, val_loader, build_test_loader(config, category, test_transform)
+
+
+def eval_batch_size(config):
+    return int(config["data"].get("eval_batch_size", config["training"].get("batch_size", 32)))
+
+
+def build_test_loader(config, category, test_transform=None):
+    test_transform = test_transform or build_transforms(config)[1]
+    test_set = build_dataset(config["dataset"], "test", test_transform, category=category)
+    return create_dataloader(test_set, eval_batch_size(config), num_workers=int(config["data"].get("num_workers", 0)))
 
 
 def make_evaluator(config, model, results_dir):
@@ -162,7 +169,7 @@ def test_checkpoint(checkpoint_path, overrides=None, config_dir=None):
     ensure_dataset(config, category)
     model, state = load_trained_model(checkpoint_path, config)
     dirs = output_dirs(config, category)
-    _, test_loader = None, build_loaders(config, category)[2]
+    test_loader = build_test_loader(config, category)
     evaluator = make_evaluator(config, model, dirs["results"])
     started = time.perf_counter()
     metrics = evaluator.evaluate(test_loader, state.get("threshold"))
@@ -172,19 +179,18 @@ def test_checkpoint(checkpoint_path, overrides=None, config_dir=None):
 
 
 def predict_images(checkpoint_path, image_paths, output_dir=None, overrides=None, config_dir=None):
-    from anomaly_detection.data.datasets import load_image
+    from anomaly_detection.data.datasets import load_image_raw
     from anomaly_detection.metrics import denormalize_image, plot_anomaly_panel
     state = load_checkpoint_file(checkpoint_path)
     config = config_from_checkpoint(state, overrides, config_dir)
     model, state = load_trained_model(checkpoint_path, config)
     _, transform = build_transforms(config)
-    device = torch.device("cpu") if config.get("device", "auto") == "cpu" else None
-    evaluator = Evaluator(model, device=device or config.get("device", "auto"), progress_bar=False)
+    evaluator = Evaluator(model, device=config.get("device", "auto"), progress_bar=False)
     threshold = state.get("threshold") or {}
     results = []
     model.eval()
     for path in image_paths:
-        image = transform(load_image(path))
+        image = transform(load_image_raw(path))
         with torch.no_grad():
             outputs = evaluator.model(image[None].to(evaluator.device))
         score = float(outputs["pred_score"][0])
