@@ -11,7 +11,7 @@ import torchvision
 from PIL import Image
 
 from anomaly_detection.data import MVTecDataset, create_dataloader, get_test_transforms
-from anomaly_detection.data.datasets import _to_float_array, load_mask
+from anomaly_detection.data.datasets import _to_array, load_mask
 from anomaly_detection.utils import PROJECT_ROOT, resolve_device
 
 DEFAULT_ROOT = PROJECT_ROOT.parent / "shared" / "data"
@@ -49,14 +49,14 @@ def forward_rate(device, batch_size, image_size, batches):
 def stage_breakdown(dataset, image_size, count):
     transform = get_test_transforms(image_size=image_size)
     indices = np.linspace(0, len(dataset) - 1, min(count, len(dataset))).astype(int)
-    totals = {"decode": 0.0, "to_float": 0.0, "mask": 0.0, "resize+normalise": 0.0}
+    totals = {"decode": 0.0, "to_tensor": 0.0, "mask": 0.0, "resize+normalise": 0.0}
     for index in indices:
         sample = dataset.samples[index]
         start = time.perf_counter()
         with Image.open(sample["image_path"]) as image:
             image.load()
             decoded = time.perf_counter()
-            array = _to_float_array(image)
+            array = _to_array(image)
         if array.ndim == 2:
             array = np.repeat(array[:, :, None], 3, axis=2)
         tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
@@ -66,7 +66,7 @@ def stage_breakdown(dataset, image_size, count):
         transform(tensor, mask)
         done = time.perf_counter()
         totals["decode"] += decoded - start
-        totals["to_float"] += converted - decoded
+        totals["to_tensor"] += converted - decoded
         totals["mask"] += masked - converted
         totals["resize+normalise"] += done - masked
     return {name: 1000.0 * value / len(indices) for name, value in totals.items()}

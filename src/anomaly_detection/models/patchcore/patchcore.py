@@ -1,0 +1,294 @@
+# src/anomaly_detection/models/patchcore/patchcore.py
+"""PatchCore: Roth et al., "Towards Total Recall in Industrial Anomaly Detection" (CVPR 2022)."""
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anomaly_detection.models.backbones import FeatureExtractor
+from anomaly_detection.models.patchcore.coreset import greedy_coreset_indices, rows_per_chunk
+
+FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SEARCH_BACKENDS = ("auto", "torch", "faiss")
+
+
+class PatchCoreModel(nn.Module):
+    def __init__(self, backbone="wide_resnet50_2", layers=None, pretrained=True, weights=None, backbone_root=None,
+                 pretrain_dim=1024, target_dim=1024, coreset_ratio=0.1, num_neighbors=9, projection_dim=128,
+                 memory_budget_mb=256, feature_dtype="float32", search_backend="torch", seed=0, blur_sigma=4.0):
+        super().__init__()
+        if not 0.0 < float(coreset_ratio) <= 1.0:
+            raise ValueError(f"model.coreset_ratio must be in (0, 1], got {coreset_ratio}")
+        if int(num_neighbors) < 1:
+            raise ValueError(f"model.num_neighbors must be >= 1, got {num_neighbors}")
+        if not float(memory_budget_mb) > 0:
+            raise ValueError(f"model.memory_budget_mb must be > 0, got {memory_budget_mb}")
+        for key, value in (("pretrain_dim", pretrain_dim), ("target_dim", target_dim),
+                           ("projection_dim", projection_dim)):
+            if value is not None and int(value) < 1:
+                raise ValueError(f"model.{key} must be a positive integer or null, got {value}")
+        if feature_dtype not in FEATURE_DTYPES:
+            raise ValueError(f"model.feature_dtype must be one of {', '.join(FEATURE_DTYPES)}, got {feature_dtype}")
+        if search_backend not in SEARCH_BACKENDS:
+            raise ValueError(f"model.search_backend must be one of {', '.join(SEARCH_BACKENDS)}, got {search_backend}")
+        self.feature_extractor = FeatureExtractor(backbone, layers, pretrained=pretrained, weights=weights,
+                                                  backbone_root=backbone_root, method="patchcore", frozen=True)
+        self.backbone_name = backbone
+        self.layers = list(self.feature_extractor.layers)
+        self.mean, self.std = self.feature_extractor.mean, self.feature_extractor.std
+        self.pretrain_dim = None if pretrain_dim is None else int(pretrain_dim)
+        self.target_dim = None if target_dim is None else int(target_dim)
+        self.coreset_ratio = float(coreset_ratio)
+        self.num_neighbors = int(num_neighbors)
+        self.projection_dim = None if projection_dim is None else int(projection_dim)
+        self.memory_budget_mb = float(memory_budget_mb)
+        self.feature_dtype = FEATURE_DTYPES[feature_dtype]
+        self.search_backend = resolve_search_backend(search_backend)
+        self.seed = int(seed)
+        self.blur_sigma = float(blur_sigma)
+        self.embedding_dim = self._embedding_dim()
+        self.register_buffer("memory_bank", torch.empty(0, self.embedding_dim))
+        self.store = None
+        self.fit_timings = {}
+        self._faiss_index = None
+
+    def _embedding_dim(self):
+        if self.target_dim is not None:
+            return self.target_dim
+        if self.pretrain_dim is not None:
+            return self.pretrain_dim * len(self.layers)
+        return sum(self.feature_extractor.channels.values())
+
+    # ---- patch embedding -------------------------------------------------------------------------
+    def embed(self, images):
+        with torch.no_grad():
+            features = self.feature_extractor(images)
+            maps = [self.local_features(features[layer].float()) for layer in self.layers]
+            size = maps[0].shape[-2:]
+            # deeper maps are upsampled to the first (finest) layer's patch grid, as the official code does
+            maps = [maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]]
+            return pool_channels(torch.cat(maps, dim=1), self.target_dim)
+
+    def local_features(self, feature):
+        # the official "MeanMapper": each 3x3 neighbourhood, flattened in (channel, row, column) order,
+        # adaptive-average-pooled to pretrain_dim values; without pretrain_dim a plain 3x3 average
+        batch, channels, height, width = feature.shape
+        if self.pretrain_dim is None:
+            return F.avg_pool2d(feature, 3, stride=1, padding=1)
+        if channels % self.pretrain_dim == 0:
+            # each bin then holds whole neighbourhoods of channels // pretrain_dim channels: same result, 9x less memory
+            pooled = F.avg_pool2d(feature, 3, stride=1, padding=1)
+            return pool_channels(pooled, self.pretrain_dim)
+        per_image = channels * 9 * height * width * 4
+        step = max(1, int(self.memory_budget_mb * 1024 * 1024 // (2 * per_image)))
+        parts = []
+        for start in range(0, batch, step):
+            patches = F.unfold(feature[start:start + step], 3, padding=1)
+            pooled = F.adaptive_avg_pool2d(patches.unsqueeze(1), (self.pretrain_dim, height * width))
+            parts.append(pooled.reshape(-1, self.pretrain_dim, height, width))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    # ---- fitting: one pass over the training images ---------------------------------------------
+    def begin_fit(self, expected_images=None):
+        self.store = FeatureStore(self.embedding_dim, self.feature_dtype, self.memory_bank.device, expected_images)
+        self.fit_timings = {"extract_s": 0.0}
+
+    def accumulate(self, images):
+        if self.store is None:
+            self.begin_fit()
+        started = time.perf_counter()
+        embedding = self.embed(images)
+        self.store.append(embedding)
+        synchronize(embedding.device)
+        self.fit_timings["extract_s"] += time.perf_counter() - started
+
+    def coreset_size(self, num_patches):
+        size = int(num_patches * self.coreset_ratio)
+        if num_patches < self.num_neighbors:
+            raise ValueError(f"PatchCore has {num_patches} training patches, fewer than model.num_neighbors="
+                             f"{self.num_neighbors}: use more or larger training images, or lower num_neighbors")
+        if size < self.num_neighbors:
+            warnings.warn(f"coreset_ratio {self.coreset_ratio} of {num_patches} patches gives {size}, fewer than "
+                          f"num_neighbors={self.num_neighbors}: keeping {self.num_neighbors} patches")
+            size = self.num_neighbors
+        return size
+
+    def finalize_fit(self):
+        if self.store is None or self.store.size == 0:
+            raise RuntimeError("PatchCore saw no training images: call accumulate(images) before finalize_fit()")
+        started = time.perf_counter()
+        features = self.store.features()
+        size = self.coreset_size(features.shape[0])
+        if size < features.shape[0]:
+            indices = greedy_coreset_indices(features, size, self.projection_dim, self.seed, self.memory_budget_mb)
+            bank = features.index_select(0, indices).float()
+        else:
+            bank = features.to(torch.float32, copy=True)
+        synchronize(bank.device)
+        coreset_s = time.perf_counter() - started
+        self.memory_bank = bank
+        self._faiss_index = None
+        self.fit_timings.update({"num_images": self.store.images, "num_patches": int(features.shape[0]),
+                                 "memory_bank_size": int(bank.shape[0]), "coreset_s": coreset_s})
+        self.store = None
+        return self.fit_timings
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # the bank's size is only known after fitting: take the checkpoint's shape before copying into it
+        bank = state_dict.get(prefix + "memory_bank")
+        if isinstance(bank, torch.Tensor) and bank.dim() == 2 and bank.shape[1] == self.embedding_dim:
+            self.memory_bank = torch.empty_like(bank, dtype=self.memory_bank.dtype, device=self.memory_bank.device)
+            self._faiss_index = None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    # ---- scoring -----------------------------------------------------------------------------------
+    def forward(self, images):
+        embedding = self.embed(images)
+        if self.training:
+            return embedding
+        if self.memory_bank.shape[0] == 0:
+            raise RuntimeError("PatchCore has an empty memory bank: fit it on normal images first")
+        batch, dim, height, width = embedding.shape
+        queries = embedding.permute(0, 2, 3, 1).reshape(-1, dim)
+        distances, locations = self.search(queries, 1)
+        patch_scores = distances[:, 0].view(batch, height * width)
+        pred_score = self.image_scores(patch_scores, locations[:, 0].view(batch, -1), queries.view(batch, -1, dim))
+        anomaly_map = F.interpolate(patch_scores.view(batch, 1, height, width), size=images.shape[-2:],
+                                    mode="bilinear", align_corners=False)
+        return {"anomaly_map": gaussian_blur(anomaly_map, self.blur_sigma), "pred_score": pred_score}
+
+    def image_scores(self, patch_scores, locations, queries):
+        best_score, best_patch = patch_scores.max(dim=1)
+        if self.num_neighbors == 1:
+            return best_score
+        rows = torch.arange(patch_scores.shape[0], device=patch_scores.device)
+        test_patch = queries[rows, best_patch]
+        nearest = self.memory_bank[locations[rows, best_patch]]
+        # the paper's re-weighting: w = 1 - exp|m_test - m*| / sum over N_b(m*) of exp|m_test - m|;
+        # N_b(m*) holds m* itself first, and softmax keeps the exponentials finite
+        _, support = self.search(nearest, min(self.num_neighbors, self.memory_bank.shape[0]))
+        distances = torch.linalg.vector_norm(self.memory_bank[support] - test_patch[:, None], dim=2)
+        weights = 1.0 - torch.softmax(distances, dim=1)[:, 0]
+        return weights * best_score
+
+    def search(self, queries, k):
+        if self.search_backend == "faiss":
+            return self._faiss_search(queries, k)
+        return nearest_neighbours(queries, self.memory_bank, k, self.memory_budget_mb)
+
+    def _faiss_search(self, queries, k):
+        import faiss
+        if self._faiss_index is None:
+            self._faiss_index = faiss.IndexFlatL2(self.embedding_dim)
+            self._faiss_index.add(self.memory_bank.detach().float().cpu().contiguous().numpy())
+        squared, indices = self._faiss_index.search(queries.detach().float().cpu().contiguous().numpy(), k)
+        squared = torch.from_numpy(squared).to(queries.device)
+        return squared.clamp_min(0).sqrt(), torch.from_numpy(indices).to(queries.device)
+
+
+class FeatureStore:
+    # One preallocated buffer for the patch embeddings of the whole training set: sized from the first
+    # batch and the expected number of images, doubled only if more images arrive than expected.
+    def __init__(self, dim, dtype, device, expected_images=None):
+        self.dim, self.dtype, self.device = dim, dtype, device
+        self.expected_images = expected_images
+        self.buffer = None
+        self.size = 0
+        self.images = 0
+
+    def append(self, embedding):
+        batch, dim, height, width = embedding.shape
+        rows = batch * height * width
+        self._reserve(rows, height * width)
+        target = self.buffer[self.size:self.size + rows].view(batch, height, width, dim)
+        target.copy_(embedding.permute(0, 2, 3, 1))
+        self.size += rows
+        self.images += batch
+
+    def _reserve(self, rows, per_image):
+        needed = self.size + rows
+        capacity = 0 if self.buffer is None else self.buffer.shape[0]
+        if needed <= capacity:
+            return
+        if self.buffer is None and self.expected_images:
+            capacity = max(needed, per_image * int(self.expected_images))
+        else:
+            capacity = max(needed, 2 * capacity)
+        grown = torch.empty(capacity, self.dim, dtype=self.dtype, device=self.device)
+        if self.size:
+            grown[:self.size].copy_(self.buffer[:self.size])
+        self.buffer = grown
+
+    def features(self):
+        return self.buffer[:self.size]
+
+
+def pool_channels(feature, out_dim):
+    # adaptive average pooling over the channel axis of a BxCxHxW map (the official "Aggregator")
+    if out_dim is None:
+        return feature
+    batch, channels, height, width = feature.shape
+    if channels == out_dim:
+        return feature
+    if channels % out_dim == 0:
+        return feature.reshape(batch, out_dim, channels // out_dim, height, width).mean(2)
+    pooled = F.adaptive_avg_pool2d(feature.reshape(batch, 1, channels, height * width), (out_dim, height * width))
+    return pooled.view(batch, out_dim, height, width)
+
+
+def nearest_neighbours(queries, bank, k, memory_budget_mb):
+    count, dim = bank.shape
+    # each query row needs one row of distances to the whole bank, plus its top-k
+    chunk = rows_per_chunk(memory_budget_mb, 4 * (count + dim + 4 * k), "the nearest-neighbour search")
+    bank_norms = bank.pow(2).sum(1)
+    distances = torch.empty(queries.shape[0], k, dtype=torch.float32, device=queries.device)
+    indices = torch.empty(queries.shape[0], k, dtype=torch.long, device=queries.device)
+    for start in range(0, queries.shape[0], chunk):
+        block = queries[start:start + chunk].float()
+        squared = torch.addmm(bank_norms, block, bank.t(), alpha=-2.0)
+        squared.add_(block.pow(2).sum(1, keepdim=True))
+        if k == 1:
+            values, found = squared.min(dim=1, keepdim=True)
+        else:
+            values, found = squared.topk(k, dim=1, largest=False)
+        distances[start:start + chunk] = values.clamp_min_(0).sqrt_()
+        indices[start:start + chunk] = found
+    return distances, indices
+
+
+def gaussian_blur(maps, sigma):
+    # separable Gaussian with the usual 4-sigma radius, reflect padding (scipy's gaussian_filter default)
+    if sigma <= 0:
+        return maps
+    radius = min(int(4.0 * sigma + 0.5), maps.shape[-2] - 1, maps.shape[-1] - 1)
+    if radius < 1:
+        return maps
+    offsets = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    padded = F.pad(maps, (radius, radius, radius, radius), mode="reflect")
+    blurred = F.conv2d(padded, kernel.view(1, 1, 1, -1))
+    return F.conv2d(blurred, kernel.view(1, 1, -1, 1))
+
+
+def resolve_search_backend(name):
+    if name == "torch":
+        return "torch"
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        if name == "faiss":
+            raise ValueError("model.search_backend=faiss but faiss is not installed: "
+                             "pip install faiss-cpu, or use search_backend: torch") from None
+        return "torch"
+    return "faiss"
+
+
+def synchronize(device):
+    # timings only: CUDA work is asynchronous, so the clock must wait for it
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,69 @@
+# tests/phase_04/test_runner.py
+import io
+import json
+import runpy
+from contextlib import redirect_stderr, redirect_stdout
+
+import pytest
+import torch
+
+from anomaly_detection.cli import main
+from anomaly_detection.models import MODELS, get_trainer_class
+from anomaly_detection.models.padim import PaDiMTrainer
+from anomaly_detection.models.patchcore import PatchCoreTrainer
+from anomaly_detection.runner import build_config, load_trained_model
+from anomaly_detection.utils import PROJECT_ROOT
+
+
+def run(function, argv):
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = function(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_registered():
+    assert MODELS["patchcore"] is PatchCoreTrainer and get_trainer_class("padim") is PaDiMTrainer
+
+
+def test_yaml_defaults():
+    patchcore = build_config("patchcore", "mvtec")
+    assert patchcore["training"]["num_epochs"] == 1
+    assert patchcore["model"]["coreset_ratio"] == 0.1 and patchcore["model"]["target_dim"] == 1024
+    assert patchcore["model"]["num_neighbors"] == 9 and patchcore["model"]["memory_budget_mb"] > 0
+    padim = build_config("padim", "mvtec")
+    assert padim["training"]["num_epochs"] == 1 and padim["model"]["epsilon"] == 0.01
+
+
+@pytest.mark.parametrize("model", ["patchcore", "padim"])
+def test_cli_train_writes_metrics_and_a_loadable_model(model, tmp_path, cli_overrides, caplog):
+    overrides = cli_overrides(tmp_path, model)
+    code, out, err = run(main, ["train", "--model", model, "--dataset", "demo"] + overrides)
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["model"] == model and 0.0 <= summary["image_auroc"] <= 1.0
+    results = tmp_path / "results" / model / "demo" / "demo"
+    metrics = json.loads((results / "metrics.json").read_text())
+    assert metrics["num_defective"] == 3 and metrics["pixel_auroc"] is not None
+    assert f"{model} fit_timings" in caplog.text
+    config = build_config(model, "demo", overrides)
+    trained, state = load_trained_model(summary["checkpoint"], config)
+    assert state["threshold"]["image_threshold"] > 0
+    with torch.no_grad():
+        outputs = trained.eval()(torch.rand(2, 3, 64, 64))
+    assert outputs["anomaly_map"].shape == (2, 1, 64, 64)
+
+
+def test_experiment_script_runs_one_category(tmp_path, cli_overrides, monkeypatch):
+    script = PROJECT_ROOT / "experiments" / "train_patchcore.py"
+    namespace = runpy.run_path(str(script))
+    overrides = cli_overrides(tmp_path, "patchcore") + ["model.coreset_ratio=0.25"]
+    code, out, err = run(namespace["main"], ["--dataset", "demo", "--category", "demo"] + overrides)
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["category"] == "demo"
+
+
+def test_cli_reports_bad_coreset_ratio(tmp_path, cli_overrides):
+    overrides = cli_overrides(tmp_path, "patchcore") + ["model.coreset_ratio=1.5"]
+    code, _, err = run(main, ["train", "--model", "patchcore", "--dataset", "demo"] + overrides)
+    assert code == 2 and "coreset_ratio" in err
