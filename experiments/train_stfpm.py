@@ -1,36 +1,13 @@
 # experiments/train_stfpm.py
-import argparse
+# Train stfpm on one category, a comma-separated list or 'all', then evaluate on the test split:
+#   python experiments/train_stfpm.py [--dataset mvtec] [--category bottle] [--resume] [key=value ...]
 import sys
 
-from anomaly_detection.cli import resolve_categories, summarize_categories
-from anomaly_detection.runner import build_config, train_and_evaluate
-from anomaly_detection.utils import setup_logging, to_json
-
-
-def build_parser():
-    parser = argparse.ArgumentParser(description="Train STFPM per category, then evaluate it on the test split")
-    parser.add_argument("--dataset", default="mvtec", help="mvtec, visa, btad, folder or demo")
-    parser.add_argument("--category", default=None,
-                        help="one category, a comma-separated list, or 'all' (default: the dataset config's)")
-    parser.add_argument("--resume", action="store_true", help="continue each category from its last.pt")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. training.num_epochs=5 model.backbone=resnet50")
-    return parser
+from anomaly_detection.cli import main as cli_main
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    setup_logging()
-    try:
-        config = build_config("stfpm", args.dataset, args.overrides)
-        results = [train_and_evaluate(config, category, resume=args.resume)
-                   for category in resolve_categories(config, args.category)]
-    except (FileNotFoundError, ValueError, RuntimeError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    # the last line of output is one JSON object, as from the anomaly-detection command
-    print(to_json(results[0] if len(results) == 1 else summarize_categories(results)))
-    return 0
+    return cli_main(["train", "--model", "stfpm"] + list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

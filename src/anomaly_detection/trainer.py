@@ -1,4 +1,5 @@
 # src/anomaly_detection/trainer.py
+import json
 import math
 import random
 import time
@@ -8,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from anomaly_detection.utils import atomic_torch_save, logger, resolve_device, seed_everything
+from anomaly_detection.utils import atomic_torch_save, json_safe, logger, resolve_device, seed_everything
 
 CHECKPOINT_FORMAT = 1
 
@@ -345,3 +346,46 @@ def base_trainer_options(config):
         "monitor_mode": training.get("monitor_mode", "min"),
         "progress_bar": training.get("progress_bar", True),
     }
+
+
+class OnePassTrainer(BaseTrainer):
+    # Methods without gradient training (PatchCore, PaDiM): one pass over the normal images feeds the model's
+    # accumulator (model.begin_fit / accumulate / finalize_fit), finalised at the end of the epoch, so that
+    # the checkpoints written after it hold the fitted buffers.
+    def __init__(self, model, device="auto", **kwargs):
+        super().__init__(model, None, device=device, **kwargs)
+        self.expected_images = None
+        self.fit_timings = {}
+        self._epoch_started = None
+        self._extract_s = 0.0
+
+    def configure_optimizers(self):
+        return None
+
+    def fit(self, train_loader, val_loader=None, num_epochs=1, resume_from=None):
+        self.expected_images = len(train_loader.dataset) if hasattr(train_loader, "dataset") else None
+        return super().fit(train_loader, val_loader, num_epochs=num_epochs, resume_from=resume_from)
+
+    def on_train_epoch_start(self, epoch):
+        self.model.begin_fit(self.expected_images)
+        self._epoch_started = time.perf_counter()
+        self._extract_s = 0.0
+
+    def training_step(self, batch, batch_idx):
+        started = time.perf_counter()
+        self.model.accumulate(batch["image"].to(self.device, non_blocking=True))
+        self._extract_s += time.perf_counter() - started
+        return {}
+
+    def on_train_epoch_end(self, epoch, train_loss):
+        loop_s = time.perf_counter() - self._epoch_started
+        timings = dict(self.model.finalize_fit())
+        total_s = time.perf_counter() - self._epoch_started
+        timings.update({"extract_s": self._extract_s, "data_s": max(0.0, loop_s - self._extract_s),
+                        "finalize_s": total_s - loop_s, "total_s": total_s})
+        self.fit_timings = timings
+        logger.info("%s fit_timings %s", self.config.get("model", {}).get("name", type(self.model).__name__),
+                    json.dumps(json_safe(timings)))
+
+    def validation_step(self, batch, batch_idx):
+        return {}

@@ -64,7 +64,7 @@ class PaDiMModel(nn.Module):
             return torch.cat(parts, dim=1)
 
     # ---- fitting: running sums over the training images, in float64 ------------------------------
-    def begin_fit(self):
+    def begin_fit(self, expected_images=None):
         self._sum, self._outer_sum, self._count, self._grid = None, None, 0, None
 
     def accumulate(self, images):
