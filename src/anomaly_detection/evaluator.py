@@ -38,16 +38,26 @@ class Evaluator:
     @torch.no_grad()
     def predict(self, loader, keep_maps=True):
         self.model.eval()
-        scores, labels, maps, masks, paths, defect_types, mask_found = [], [], [], [], [], [], False
+        scores, labels, paths, defect_types, mask_found = [], [], [], [], False
+        maps = masks = None
+        count = 0
         started = time.perf_counter()
         for batch in tqdm(loader, desc="predict", disable=not self.progress_bar, leave=False):
             outputs = self.model(batch["image"].to(self.device, non_blocking=True))
             check_model_outputs(outputs, batch["image"])
             scores.append(outputs["pred_score"].float().cpu().numpy().reshape(-1))
             labels.append(np.asarray(batch["label"]).reshape(-1))
+            size = len(scores[-1])
             if keep_maps:
-                maps.append(outputs["anomaly_map"].float().cpu().numpy()[:, 0])
-                masks.append(batch["mask"].numpy()[:, 0] > 0.5)
+                if maps is None:
+                    # one array for the whole split: a list of batches plus a concatenated copy would
+                    # hold every map twice at the end
+                    total = len(loader.dataset)
+                    maps = np.empty((total,) + tuple(batch["image"].shape[-2:]), dtype=np.float32)
+                    masks = np.empty((total,) + tuple(batch["image"].shape[-2:]), dtype=bool)
+                maps[count:count + size] = outputs["anomaly_map"].float().cpu().numpy()[:, 0]
+                masks[count:count + size] = batch["mask"].numpy()[:, 0] > 0.5
+            count += size
             paths += list(batch["image_path"])
             defect_types += list(batch["defect_type"])
             mask_found = mask_found or any(bool(p) for p in batch["mask_path"])
@@ -55,8 +65,8 @@ class Evaluator:
         has_masks = dataset_has_masks(loader.dataset)
         return {
             "scores": np.concatenate(scores), "labels": np.concatenate(labels).astype(np.int64),
-            "maps": np.concatenate(maps) if keep_maps else None,
-            "masks": np.concatenate(masks) if keep_maps else None,
+            "maps": maps[:count] if keep_maps else None,
+            "masks": masks[:count] if keep_maps else None,
             "image_paths": paths, "defect_types": defect_types,
             "has_masks": mask_found if has_masks is None else bool(has_masks),
             "predict_s": elapsed,

@@ -114,6 +114,7 @@ def train_and_evaluate(config, category=None, resume=False):
         threshold_loader = create_dataloader(train_loader.dataset, train_loader.batch_size)
     threshold = evaluator.calibrate_threshold(threshold_loader, quantile)
     fit_s = time.perf_counter() - started
+    fit_peak_rss_mb = peak_rss_mb()
     model_path = save_model_file(dirs["checkpoints"] / "model.pt", trainer, config, threshold, epoch)
 
     started = time.perf_counter()
@@ -122,7 +123,7 @@ def train_and_evaluate(config, category=None, resume=False):
     epochs = [record for record in trainer.history if "train_s" in record]
     return summarize(config, category, metrics, dirs["results"], model_path, fit_s=fit_s, test_s=test_s,
                      num_test_images=len(test_loader.dataset), num_train_images=len(train_loader.dataset),
-                     epochs_run=len(epochs), best_epoch=epoch,
+                     epochs_run=len(epochs), best_epoch=epoch, fit_peak_rss_mb=fit_peak_rss_mb,
                      train_s_per_epoch=sum(r["train_s"] for r in epochs) / len(epochs) if epochs else None,
                      epoch_s=[round(r["epoch_s"], 3) for r in epochs])
 

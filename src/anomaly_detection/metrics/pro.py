@@ -24,17 +24,19 @@ def compute_aupro(maps, masks, fpr_limit=0.3):
         raise ValueError(f"anomaly maps must be (N, H, W), (N, 1, H, W) or (H, W), got {to_numpy(maps).shape}")
     scores, defective = _flatten_scores_and_labels(maps, masks)
     regions, region_count = ndimage.label(defective.reshape(shape), structure=_STRUCTURE)
-    region_ids = regions.ravel()
     if region_count == 0:
         return _undefined("the ground-truth masks have no defect regions")
     if defective.all():
         return _undefined("the ground-truth masks have no defect-free pixels")
 
-    region_sizes = np.bincount(region_ids)
+    region_sizes = np.bincount(regions.ravel())
+    defect_region_ids = regions.ravel()[defective]
+    # the label image is as large as all the maps together: drop it before the anomaly-free pass
+    del regions
     positive = scores[defective]
     order = np.argsort(positive)
     positive = positive[order]
-    weights = (1.0 / region_sizes)[region_ids[defective][order]] / region_count
+    weights = (1.0 / region_sizes)[defect_region_ids[order]] / region_count
     # pro_from[i]: PRO when exactly positive[i:] are flagged; pro_from[-1] = 0 flags nothing.
     pro_from = np.minimum(np.r_[np.cumsum(weights[::-1])[::-1], 0.0], 1.0)
 
@@ -43,7 +45,7 @@ def compute_aupro(maps, masks, fpr_limit=0.3):
     # keeping every pixel tied with the cut value so that its whole run is counted.
     negative = scores[~defective]
     cut = negative.size - 1 - min(negative.size - 1, math.ceil(fpr_limit * negative.size))
-    negative = np.partition(negative, cut)
+    negative.partition(cut)
     descending = np.sort(negative[negative >= negative[cut]])[::-1]
 
     # Between two distinct anomaly-free scores the FPR stays constant and only PRO moves: those
