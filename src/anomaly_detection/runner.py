@@ -1,4 +1,5 @@
 # src/anomaly_detection/runner.py
+import json
 import time
 from pathlib import Path
 
@@ -88,7 +89,10 @@ def save_model_file(path, trainer, config, threshold, epoch):
 
 def train_and_evaluate(config, category=None, resume=False):
     category = str(category if category is not None else config["dataset"]["category"])
-    config = dict(config, dataset=dict(config["dataset"], category=category))
+    # the category is part of how the run's config is rebuilt later (test, predict): quoted so "01" stays a string
+    experiment = dict(config["experiment"], overrides=list(config["experiment"].get("overrides") or [])
+                      + [f"dataset.category={json.dumps(category)}"])
+    config = dict(config, dataset=dict(config["dataset"], category=category), experiment=experiment)
     seed_everything(int(config.get("seed", 0)))
     ensure_dataset(config, category)
     dirs = output_dirs(config, category)

@@ -210,3 +210,16 @@ def test_console_script_help():
     assert completed.returncode == 0, completed.stderr
     for command in ("generate-demo", "stats", "train", "test", "predict"):
         assert command in completed.stdout
+
+
+def test_test_checkpoint_keeps_the_trained_category(tmp_path, make_overrides):
+    # "01" is the BTAD-style name that YAML would read as the number 1
+    overrides = make_overrides(tmp_path, image_size=32, num_train=6, num_test_good=2, num_test_defect=1, epochs=1)
+    trained = run_cli(["train", "--model", "stfpm", "--dataset", "demo", "--category", "01"] + overrides)
+    assert trained.code == 0, trained.err
+    checkpoint = last_json(trained.out)["checkpoint"]
+    tested = run_cli(["test", "--checkpoint", checkpoint])
+    assert tested.code == 0, tested.err
+    summary = last_json(tested.out)
+    assert summary["category"] == "01"
+    assert summary["image_auroc"] == pytest.approx(last_json(trained.out)["image_auroc"])
