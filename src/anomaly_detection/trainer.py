@@ -21,7 +21,8 @@ class CheckpointError(RuntimeError):
 class BaseTrainer:
     def __init__(self, model, loss_fn=None, device="auto", learning_rate=None, config=None, seed=None,
                  checkpoint_dir=None, log_dir=None, mixed_precision=False, gradient_clip_norm=None,
-                 monitor="val_loss", monitor_mode="min", progress_bar=True):
+                 monitor="val_loss", monitor_mode="min", progress_bar=True, micro_batch_size=None,
+                 loss_reduction="mean"):
         self.device = resolve_device(device)
         self.model = model.to(self.device)
         self.loss_fn = loss_fn.to(self.device) if isinstance(loss_fn, torch.nn.Module) else loss_fn
@@ -38,6 +39,12 @@ class BaseTrainer:
         self.monitor = monitor
         self.monitor_mode = monitor_mode
         self.progress_bar = progress_bar
+        if micro_batch_size is not None and int(micro_batch_size) < 1:
+            raise ValueError(f"training.micro_batch_size must be a positive integer or null, got {micro_batch_size}")
+        self.micro_batch_size = int(micro_batch_size) if micro_batch_size else None
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got '{loss_reduction}'")
+        self.loss_reduction = loss_reduction
         self.optimizer = None
         self.scheduler = None
         # bfloat16 has float32's exponent range: only float16 needs loss scaling
@@ -126,29 +133,49 @@ class BaseTrainer:
         bar = tqdm(train_loader, desc=f"epoch {epoch}", disable=not self.progress_bar, leave=False)
         for batch_idx, batch in enumerate(bar):
             self.on_train_batch_start(batch, batch_idx)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-                outputs = self.training_step(batch, batch_idx)
-            loss = outputs.get("loss") if isinstance(outputs, dict) else None
+            outputs, loss = self.training_batch(batch, batch_idx, epoch)
             if loss is not None:
-                if not torch.isfinite(loss.detach()).all():
-                    raise FloatingPointError(f"Loss became {loss.item()} at epoch {epoch}, batch {batch_idx}: "
-                                             "lower the learning rate or enable gradient clipping")
-                if self.optimizer is not None:
-                    self.optimization_step(loss)
-                total += float(loss.detach())
+                value = float(loss.detach())
+                total += value
                 count += 1
-                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+                bar.set_postfix(loss=f"{value:.4f}")
                 if self.writer is not None:
-                    self.writer.add_scalar("train/loss_step", float(loss.detach()), self.global_step)
+                    self.writer.add_scalar("train/loss_step", value, self.global_step)
             self.global_step += 1
             self.on_train_batch_end(batch, batch_idx, outputs, loss)
         if self.scheduler is not None:
             self.scheduler.step()
         return total / count if count else float("nan")
 
-    def optimization_step(self, loss):
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+    def training_batch(self, batch, batch_idx, epoch):
+        # With micro_batch_size the batch runs in slices whose gradients add up before one optimizer step:
+        # the same update with a fraction of the activation memory (BatchNorm sees the smaller slices).
+        # A loss summed over the batch adds up as it is; a mean is weighted by the slice's share.
+        parts = split_batch(batch, self.micro_batch_size)
+        batch_size = sum(batch_length(part) for part in parts)
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        outputs, total = None, None
+        for part in parts:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                outputs = self.training_step(part, batch_idx)
+            loss = outputs.get("loss") if isinstance(outputs, dict) else None
+            if loss is None:
+                continue
+            if not torch.isfinite(loss.detach()).all():
+                raise FloatingPointError(f"Loss became {loss.item()} at epoch {epoch}, batch {batch_idx}: "
+                                         "lower the learning rate or enable gradient clipping")
+            if self.loss_reduction == "mean" and len(parts) > 1:
+                loss = loss * (batch_length(part) / batch_size)
+            if self.optimizer is not None:
+                self.scaler.scale(loss).backward()
+            # one slice: the hooks get the training step's own loss tensor
+            total = loss if len(parts) == 1 else loss.detach() if total is None else total + loss.detach()
+        if total is not None and self.optimizer is not None:
+            self.optimization_step()
+        return outputs, total
+
+    def optimization_step(self):
         if self.gradient_clip_norm:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.gradient_clip_norm))
@@ -263,6 +290,23 @@ class BaseTrainer:
         return int(state["epoch"])
 
 
+def batch_length(batch):
+    for value in batch.values():
+        if isinstance(value, torch.Tensor):
+            return value.shape[0]
+        if isinstance(value, (list, tuple)):
+            return len(value)
+    return 0
+
+
+def split_batch(batch, micro_batch_size):
+    size = batch_length(batch) if isinstance(batch, dict) else 0
+    if not micro_batch_size or size <= micro_batch_size:
+        return [batch]
+    return [{key: value[start:start + micro_batch_size] for key, value in batch.items()}
+            for start in range(0, size, micro_batch_size)]
+
+
 def resolve_amp_dtype(mixed_precision, device):
     if mixed_precision in (None, False, "false", "no", "off"):
         return None
@@ -345,6 +389,7 @@ def base_trainer_options(config):
         "monitor": training.get("monitor", "val_loss"),
         "monitor_mode": training.get("monitor_mode", "min"),
         "progress_bar": training.get("progress_bar", True),
+        "micro_batch_size": training.get("micro_batch_size"),
     }
 
 

@@ -273,3 +273,25 @@ def test_tensorboard_events_written(tiny, tmp_path):
     assert len(accumulator.Scalars("train/loss_step")) == 4
     learning_rates = [event.value for event in accumulator.Scalars("epoch/learning_rate")]
     assert learning_rates == pytest.approx([0.25, 0.125])
+
+
+def test_micro_batches_give_the_same_update_as_the_whole_batch(tiny):
+    # a model without BatchNorm: slicing the batch must not change the gradient of a mean loss
+    results = []
+    for micro_batch_size in (None, 3):
+        torch.manual_seed(0)
+        model = tiny.TinyNet()
+        trainer = tiny.RegressionTrainer(model, device="cpu", progress_bar=False, micro_batch_size=micro_batch_size)
+        trainer._set_optimizers(trainer.configure_optimizers())
+        batch = {"image": torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(1)),
+                 "label": [0] * 8}
+        _, loss = trainer.training_batch(batch, 0, epoch=0)
+        results.append((float(loss), model.conv.weight.detach().clone()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+    assert not torch.equal(results[0][1], tiny.TinyNet().conv.weight)
+
+
+def test_bad_micro_batch_size_is_refused(tiny):
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        tiny.RegressionTrainer(tiny.TinyNet(), device="cpu", micro_batch_size=0)

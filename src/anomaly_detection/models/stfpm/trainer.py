@@ -6,6 +6,8 @@ from anomaly_detection.trainer import BaseTrainer, base_trainer_options
 
 class STFPMTrainer(BaseTrainer):
     def __init__(self, model, loss_fn, device="auto", learning_rate=0.4, momentum=0.9, weight_decay=1e-4, **kwargs):
+        # STFPMLoss sums over the images of a batch, as the paper's loss does
+        kwargs.setdefault("loss_reduction", "sum")
         super().__init__(model, loss_fn, device=device, learning_rate=learning_rate, **kwargs)
         self.momentum = momentum
         self.weight_decay = weight_decay
