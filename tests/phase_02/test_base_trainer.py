@@ -286,7 +286,7 @@ def test_micro_batches_give_the_same_update_as_the_whole_batch(tiny):
         batch = {"image": torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(1)),
                  "label": [0] * 8}
         _, loss = trainer.training_batch(batch, 0, epoch=0)
-        results.append((float(loss), model.conv.weight.detach().clone()))
+        results.append((float(loss.detach()), model.conv.weight.detach().clone()))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
     assert not torch.equal(results[0][1], tiny.TinyNet().conv.weight)
