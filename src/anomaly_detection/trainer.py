@@ -169,8 +169,10 @@ class BaseTrainer:
                 loss = loss * (batch_length(part) / batch_size)
             if self.optimizer is not None:
                 self.scaler.scale(loss).backward()
-            # one slice: the hooks get the training step's own loss tensor
-            total = loss if len(parts) == 1 else loss.detach() if total is None else total + loss.detach()
+            if len(parts) == 1:
+                total = loss  # the hooks get the training step's own loss tensor
+            else:
+                total = loss.detach() if total is None else total + loss.detach()
         if total is not None and self.optimizer is not None:
             self.optimization_step()
         return outputs, total
