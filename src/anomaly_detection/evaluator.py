@@ -10,8 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from anomaly_detection.metrics import (
-    compute_aupro, compute_auroc, compute_average_precision, compute_f1_max, compute_pixel_auroc,
-    compute_pixel_average_precision, compute_pixel_f1_max, denormalize_image, plot_anomaly_panel,
+    compute_aupro, compute_auroc, compute_classification_metrics, denormalize_image, plot_anomaly_panel,
     plot_pr_curve, plot_roc_curve, plot_score_histogram,
 )
 from anomaly_detection.utils import atomic_write_json, atomic_write_text, logger, resolve_device
@@ -170,15 +169,15 @@ def compute_metrics(predictions, threshold=None):
                "num_defective": int((labels == 1).sum())}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        metrics["image_auroc"] = compute_auroc(scores, labels)
-        metrics["image_ap"] = compute_average_precision(scores, labels)
-        metrics["image_f1_max"], metrics["image_f1_threshold"] = compute_f1_max(scores, labels)
+        image = compute_classification_metrics(scores, labels)
+        metrics["image_auroc"], metrics["image_ap"] = image["auroc"], image["average_precision"]
+        metrics["image_f1_max"], metrics["image_f1_threshold"] = image["f1_max"], image["f1_threshold"]
         metrics["f1_max"] = metrics["image_f1_max"]
         if predictions["has_masks"] and predictions["maps"] is not None:
             maps, masks = predictions["maps"], predictions["masks"]
-            metrics["pixel_auroc"] = compute_pixel_auroc(maps, masks)
-            metrics["pixel_ap"] = compute_pixel_average_precision(maps, masks)
-            metrics["pixel_f1_max"], metrics["pixel_f1_threshold"] = compute_pixel_f1_max(maps, masks)
+            pixel = compute_classification_metrics(maps, masks, pixel_level=True)
+            metrics["pixel_auroc"], metrics["pixel_ap"] = pixel["auroc"], pixel["average_precision"]
+            metrics["pixel_f1_max"], metrics["pixel_f1_threshold"] = pixel["f1_max"], pixel["f1_threshold"]
             metrics["aupro"] = compute_aupro(maps, masks, fpr_limit=0.3)
         else:
             for key in ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_f1_threshold", "aupro"):

@@ -11,6 +11,7 @@ from anomaly_detection.metrics import (
     compute_aupro,
     compute_auroc,
     compute_average_precision,
+    compute_classification_metrics,
     compute_f1_max,
     compute_pixel_auroc,
     compute_pixel_average_precision,
@@ -343,3 +344,29 @@ def test_invalid_inputs_raise():
         compute_aupro(bad, masks)
     with pytest.raises(ValueError, match="fpr_limit"):
         compute_aupro(maps, masks, fpr_limit=0.0)
+
+
+@pytest.mark.parametrize("pixel_level", [False, True])
+def test_classification_metrics_in_one_pass_equal_the_single_metrics(pixel_level):
+    rng = np.random.default_rng(7)
+    if pixel_level:
+        scores = np.round(rng.random((6, 16, 16)), 1)
+        labels = rng.random((6, 16, 16)) > 0.8
+        single = (compute_pixel_auroc, compute_pixel_average_precision, compute_pixel_f1_max)
+    else:
+        scores = np.round(rng.random(40), 1)
+        labels = rng.random(40) > 0.5
+        single = (compute_auroc, compute_average_precision, compute_f1_max)
+    together = compute_classification_metrics(scores, labels, pixel_level=pixel_level)
+    assert together["auroc"] == single[0](scores, labels)
+    assert together["average_precision"] == single[1](scores, labels)
+    assert (together["f1_max"], together["f1_threshold"]) == single[2](scores, labels)
+
+
+def test_classification_metrics_single_class_warn_for_each_metric():
+    with pytest.warns(RuntimeWarning) as caught:
+        result = compute_classification_metrics(np.arange(5.0), np.zeros(5))
+    assert all(math.isnan(value) for value in result.values())
+    messages = " | ".join(str(w.message) for w in caught)
+    for name in ("AUROC is undefined", "average precision is undefined", "F1-max is undefined"):
+        assert name in messages

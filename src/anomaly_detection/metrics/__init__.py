@@ -2,6 +2,7 @@
 from anomaly_detection.metrics.auroc import (
     compute_auroc,
     compute_average_precision,
+    compute_classification_metrics,
     compute_f1_max,
     compute_pixel_auroc,
     compute_pixel_average_precision,
@@ -22,6 +23,7 @@ __all__ = [
     "compute_aupro",
     "compute_auroc",
     "compute_average_precision",
+    "compute_classification_metrics",
     "compute_f1_max",
     "compute_pixel_auroc",
     "compute_pixel_average_precision",

@@ -50,11 +50,15 @@ def _sorted_classes(scores, labels, name, pixel_level):
     scores, labels = _flatten_scores_and_labels(scores, labels)
     if not _has_both_classes(labels):
         return None, None, _undefined_metric(name, labels, pixel_level)
+    return (*_sort_by_class(scores, labels), None)
+
+
+def _sort_by_class(scores, labels):
     positive = scores[labels]
     positive.sort()
     negative = scores[~labels]
     negative.sort()
-    return positive, negative, None
+    return positive, negative
 
 
 def _positive_threshold_counts(positive, negative):
@@ -140,3 +144,19 @@ def compute_pixel_average_precision(maps, masks):
 def compute_pixel_f1_max(maps, masks):
     positive, negative, undefined = _sorted_classes(maps, masks, "pixel F1-max", pixel_level=True)
     return (undefined, undefined) if positive is None else _f1_max(positive, negative)
+
+
+def compute_classification_metrics(scores, labels, pixel_level=False):
+    # AUROC, average precision and F1-max from one sort of the two classes: the evaluator needs all three,
+    # and at pixel level each sort is tens of millions of values
+    prefix = "pixel " if pixel_level else ""
+    names = (f"{prefix}AUROC", f"{prefix}average precision", f"{prefix}F1-max")
+    scores, labels = _flatten_scores_and_labels(scores, labels)
+    if not _has_both_classes(labels):
+        auroc, average_precision, f1 = (_undefined_metric(name, labels, pixel_level) for name in names)
+        return {"auroc": auroc, "average_precision": average_precision, "f1_max": f1, "f1_threshold": f1}
+    positive, negative = _sort_by_class(scores, labels)
+    f1, threshold = _f1_max(positive, negative)
+    return {"auroc": _auroc(positive, negative), "average_precision": _average_precision(positive, negative),
+            "f1_max": f1, "f1_threshold": threshold}
+
