@@ -5,14 +5,10 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from anomaly_detection.metrics import (
-    compute_aupro, compute_auroc, compute_classification_metrics, denormalize_image, plot_anomaly_panel,
-    plot_pr_curve, plot_roc_curve, plot_score_histogram,
-)
+from anomaly_detection.metrics import compute_aupro, compute_auroc, compute_classification_metrics
 from anomaly_detection.utils import atomic_write_json, atomic_write_text, logger, resolve_device
 
 
@@ -96,6 +92,8 @@ class Evaluator:
     def write_results(self, test_loader, predictions, metrics, threshold=None):
         self.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.output_dir / "metrics.json", metrics)
+        import pandas as pd  # imported here: a run with no results folder does not need it
+
         table = pd.DataFrame({
             "image_path": predictions["image_paths"], "defect_type": predictions["defect_types"],
             "label": predictions["labels"], "score": predictions["scores"],
@@ -107,6 +105,11 @@ class Evaluator:
             self.write_figures(test_loader, predictions, metrics, threshold)
 
     def write_figures(self, test_loader, predictions, metrics, threshold=None):
+        # matplotlib is imported only when figures are drawn
+        from anomaly_detection.metrics.visualization import (
+            denormalize_image, plot_anomaly_panel, plot_pr_curve, plot_roc_curve, plot_score_histogram,
+        )
+
         folder = self.output_dir / "figures"
         scores, labels = predictions["scores"], predictions["labels"]
         image_threshold = threshold["image_threshold"] if threshold else None

@@ -153,3 +153,16 @@ def test_model_outputs_are_checked(tiny):
         Evaluator(WrongShape(), device="cpu", progress_bar=False).predict(loader)
     with pytest.raises(TypeError, match="anomaly_map"):
         Evaluator(NoDict(), device="cpu", progress_bar=False).predict(loader)
+
+
+def test_scoring_without_figures_does_not_load_matplotlib_or_pandas():
+    # both are imported on first use: a run with figures and results off, or `predict`, does without them
+    import subprocess
+    import sys
+
+    code = ("import sys; import anomaly_detection.cli, anomaly_detection.runner, anomaly_detection.evaluator; "
+            "from anomaly_detection.metrics import compute_auroc; "
+            "print(sorted(m for m in ('matplotlib', 'pandas') if m in sys.modules)); "
+            "from anomaly_detection.metrics import plot_roc_curve; print(plot_roc_curve.__module__)")
+    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert lines == ["[]", "anomaly_detection.metrics.visualization"]

@@ -11,13 +11,18 @@ from anomaly_detection.metrics.auroc import (
     compute_roc_curve,
 )
 from anomaly_detection.metrics.pro import compute_aupro
-from anomaly_detection.metrics.visualization import (
-    denormalize_image,
-    plot_anomaly_panel,
-    plot_pr_curve,
-    plot_roc_curve,
-    plot_score_histogram,
-)
+
+# the plotting functions load matplotlib on first use, so scoring and metrics alone do not import it
+_VISUALIZATION = ("denormalize_image", "plot_anomaly_panel", "plot_pr_curve", "plot_roc_curve", "plot_score_histogram")
+
+
+def __getattr__(name):
+    if name in _VISUALIZATION:
+        from anomaly_detection.metrics import visualization
+
+        return getattr(visualization, name)
+    raise AttributeError(f"module 'anomaly_detection.metrics' has no attribute '{name}'")
+
 
 __all__ = [
     "compute_aupro",

@@ -8,14 +8,16 @@ from anomaly_detection.models.backbones import FeatureExtractor
 
 
 class STFPMModel(nn.Module):
-    def __init__(self, backbone="resnet18", layers=None, pretrained=True, weights=None, backbone_root=None):
+    def __init__(self, backbone="resnet18", layers=None, pretrained=True, weights=None, backbone_root=None,
+                 activation_checkpointing=False):
         super().__init__()
         self.backbone_name = backbone
         self.teacher = FeatureExtractor(backbone, layers, pretrained=pretrained, weights=weights,
                                         backbone_root=backbone_root, method="stfpm", frozen=True)
         self.layers = list(self.teacher.layers)
         # the student has the teacher's architecture and starts from random weights, as in the paper
-        self.student = FeatureExtractor(backbone, self.layers, pretrained=False, method="stfpm", frozen=False)
+        self.student = FeatureExtractor(backbone, self.layers, pretrained=False, method="stfpm", frozen=False,
+                                        activation_checkpointing=activation_checkpointing)
         self.mean, self.std = self.teacher.mean, self.teacher.std
 
     def extract(self, images):

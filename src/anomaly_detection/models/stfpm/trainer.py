@@ -41,7 +41,8 @@ class STFPMTrainer(BaseTrainer):
         pretrained = options.get("pretrained", True) if pretrained is None else pretrained
         return STFPMModel(backbone=options.get("backbone", "resnet18"), layers=options.get("layers"),
                           pretrained=pretrained, weights=options.get("weights") if pretrained else None,
-                          backbone_root=config.get("backbone_root"))
+                          backbone_root=config.get("backbone_root"),
+                          activation_checkpointing=config.get("training", {}).get("activation_checkpointing", False))
 
     @classmethod
     def from_config(cls, config, model=None, **trainer_options):
