@@ -17,13 +17,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
-def run_training(args, backbone, epochs, work):
+def run_training(args, backbone, epochs, work, extra):
     overrides = [
         f"mvtec_dir={args.root}", f"output_dir={work}", f"model.backbone={backbone}",
         f"training.num_epochs={epochs}", f"data.image_size={args.image_size}",
         f"training.batch_size={args.batch_size}", f"data.num_workers={args.num_workers}",
         "training.progress_bar=false", f"evaluation.figures={str(args.figures).lower()}",
-    ] + args.extra.split()
+    ] + extra.split()
     if backbone == "mobilenet_v2":
         overrides.append(f"model.weights={args.mobilenet_weights}")
     command = [sys.executable, "-m", "anomaly_detection.cli", "train", "--model", "stfpm", "--dataset", "mvtec",
@@ -85,11 +85,14 @@ def main():
     parser.add_argument("--figures", action="store_true", help="also write the evaluator's figures")
     parser.add_argument("--throughput-only", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
-    parser.add_argument("--extra", default="", help="extra key=value overrides for our runs, space-separated")
+    parser.add_argument("--extra", action="append", default=None,
+                        help="extra key=value overrides for our runs, space-separated; give it again for another "
+                             "variant (each variant is one more run per backbone and epoch count)")
     parser.add_argument("--peer", action="store_true", help="also run Anomalib 2.7.0 STFPM with the same settings")
     parser.add_argument("--peer-python", default=str(Path(tempfile.gettempdir()) / "peer-venv" / "bin" / "python"))
     parser.add_argument("--out", default=None, help="append JSON lines here")
     args = parser.parse_args()
+    variants = args.extra or [""]
     results = []
     if args.peer:
         for epochs in [int(e) for e in args.epochs.split(",")]:
@@ -101,12 +104,13 @@ def main():
     for backbone in args.backbones.split(","):
         if not args.throughput_only:
             for epochs in [int(e) for e in args.epochs.split(",")]:
-                with tempfile.TemporaryDirectory(prefix="stfpm-bench-") as work:
-                    summary = run_training(args, backbone, epochs, work)
-                summary.update(framework="ours", backbone=backbone, epochs=epochs, image_size=args.image_size,
-                               extra=args.extra)
-                results.append(summary)
-                print(json.dumps(summary), flush=True)
+                for extra in variants:
+                    with tempfile.TemporaryDirectory(prefix="stfpm-bench-") as work:
+                        summary = run_training(args, backbone, epochs, work, extra)
+                    summary.update(framework="ours", backbone=backbone, epochs=epochs, image_size=args.image_size,
+                                   extra=extra)
+                    results.append(summary)
+                    print(json.dumps(summary), flush=True)
         if not args.skip_throughput:
             weights = args.mobilenet_weights if backbone == "mobilenet_v2" else None
             record = throughput(backbone, args.image_size, 16, 5, weights)
@@ -126,7 +130,7 @@ def main():
         elif "image_auroc" in r:
             print(f"{r['backbone']:<24}{r['epochs']:>7}{r['image_auroc']:>8.3f}{r['pixel_auroc']:>8.3f}"
                   f"{r['aupro']:>8.3f}{r['train_s_per_epoch']:>9.1f}{r['test_s_per_image']:>11.3f}"
-                  f"{r['peak_rss_mb']:>8.0f}")
+                  f"{r['peak_rss_mb']:>8.0f}  {r.get('extra', '')}")
     for r in results:
         if "ratio_to_teacher_student" in r:
             print(f"{r['backbone']}: inference {r['stfpm_inference_img_s']:.1f} img/s = "

@@ -11,6 +11,7 @@ from anomaly_detection.data.dataloaders import split_train_val
 from anomaly_detection.evaluator import Evaluator
 from anomaly_detection.models import get_trainer_class
 from anomaly_detection.trainer import CHECKPOINT_FORMAT, load_checkpoint_file
+from anomaly_detection.allocator import configure_cpu_allocator
 from anomaly_detection.utils import atomic_torch_save, atomic_write_json, logger, peak_rss_mb, seed_everything
 
 SUMMARY_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "pixel_f1_max", "image_ap", "pixel_ap")
@@ -94,6 +95,7 @@ def train_and_evaluate(config, category=None, resume=False):
                       + [f"dataset.category={json.dumps(category)}"])
     config = dict(config, dataset=dict(config["dataset"], category=category), experiment=experiment)
     seed_everything(int(config.get("seed", 0)))
+    configure_cpu_allocator(config.get("cpu_allocator"))
     ensure_dataset(config, category)
     dirs = output_dirs(config, category)
     save_config(config, dirs["results"] / "config.yaml")
@@ -170,6 +172,7 @@ def load_trained_model(checkpoint_path, config):
 def test_checkpoint(checkpoint_path, overrides=None, config_dir=None):
     state = load_checkpoint_file(checkpoint_path)
     config = config_from_checkpoint(state, overrides, config_dir)
+    configure_cpu_allocator(config.get("cpu_allocator"))
     category = str(config["dataset"]["category"])
     ensure_dataset(config, category)
     model, state = load_trained_model(checkpoint_path, config)
@@ -188,6 +191,7 @@ def predict_images(checkpoint_path, image_paths, output_dir=None, overrides=None
     from anomaly_detection.metrics import denormalize_image, plot_anomaly_panel
     state = load_checkpoint_file(checkpoint_path)
     config = config_from_checkpoint(state, overrides, config_dir)
+    configure_cpu_allocator(config.get("cpu_allocator"))
     model, state = load_trained_model(checkpoint_path, config)
     _, transform = build_transforms(config)
     evaluator = Evaluator(model, device=config.get("device", "auto"), progress_bar=False)

@@ -1,0 +1,87 @@
+# benchmarks/test_pass_breakdown.py
+# Where the test pass of a fitted PatchCore or PaDiM model goes, part by part, in one process: loading
+# the test images, the backbone, the model's scoring (nearest-neighbour search or Mahalanobis distance),
+# the blur and the metrics, next to the machine's float32 matrix-multiply rate measured in the same
+# script, which bounds how fast the exact search can be. Also the resident memory of the imports alone
+# (this script keeps every batch, so its own peak is not that of a test run).
+import argparse
+import json
+import resource
+import time
+
+import torch
+
+
+def rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(function, repeats=1):
+    started = time.perf_counter()
+    for _ in range(repeats):
+        result = function()
+    return result, (time.perf_counter() - started) / repeats
+
+
+def gemm_rate(rows, cols, dim):
+    left, right = torch.randn(rows, dim), torch.randn(dim, cols)
+    torch.mm(left, right)
+    _, seconds = timed(lambda: torch.mm(left, right), repeats=3)
+    return 2.0 * rows * cols * dim / seconds / 1e9
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--checkpoint", required=True, help="model.pt of a fitted patchcore or padim run")
+    parser.add_argument("--out", default=None, help="append the JSON line here")
+    args = parser.parse_args()
+    torch_mb = rss_mb()
+
+    from anomaly_detection.evaluator import compute_metrics
+    from anomaly_detection.models.patchcore.patchcore import gaussian_blur, nearest_neighbours
+    from anomaly_detection.runner import build_loaders, load_trained_model
+    from anomaly_detection.trainer import load_checkpoint_file
+    imports_mb = rss_mb()
+
+    state = load_checkpoint_file(args.checkpoint)
+    config = state["config"]
+    model, _ = load_trained_model(args.checkpoint, config)
+    model.eval()
+    category = str(config["dataset"]["category"])
+    _, _, loader = build_loaders(config, category)
+
+    batches, load_s = timed(lambda: list(loader))
+    images = [batch["image"] for batch in batches]
+    with torch.no_grad():
+        features, backbone_s = timed(lambda: [model.feature_extractor(batch) for batch in images])
+        embeddings, embed_s = timed(lambda: [model.embed(batch) for batch in images])
+        outputs, forward_s = timed(lambda: [model(batch) for batch in images])
+        maps = torch.cat([out["anomaly_map"] for out in outputs])
+        _, blur_s = timed(lambda: gaussian_blur(maps, getattr(model, "blur_sigma", 4.0)))
+    record = {"model": config["model"]["name"], "checkpoint": args.checkpoint, "images": int(maps.shape[0]),
+              "threads": torch.get_num_threads(), "load_s": load_s, "backbone_s": backbone_s,
+              "embed_s_incl_backbone": embed_s, "model_forward_s": forward_s, "blur_s": blur_s}
+    if record["model"] == "patchcore":
+        queries = torch.cat([e.permute(0, 2, 3, 1).reshape(-1, e.shape[1]) for e in embeddings])
+        bank = model.memory_bank
+        _, search_s = timed(lambda: nearest_neighbours(queries, bank, 1, model.memory_budget_mb))
+        rate = gemm_rate(4096, bank.shape[0], bank.shape[1])
+        flops = 2.0 * queries.shape[0] * bank.shape[0] * bank.shape[1]
+        record.update(search_s=search_s, search_gflop=flops / 1e9, gemm_gflops=rate,
+                      search_at_gemm_rate_s=flops / 1e9 / rate, queries=int(queries.shape[0]),
+                      bank=list(bank.shape))
+    predictions = {"scores": torch.cat([out["pred_score"] for out in outputs]).numpy(),
+                   "labels": torch.cat([torch.as_tensor(b["label"]) for b in batches]).numpy(),
+                   "maps": maps[:, 0].numpy(), "masks": torch.cat([b["mask"] for b in batches])[:, 0].numpy() > 0.5,
+                   "has_masks": True, "defect_types": sum((list(b["defect_type"]) for b in batches), [])}
+    _, metrics_s = timed(lambda: compute_metrics(predictions))
+    record.update(metrics_s=metrics_s, torch_import_rss_mb=torch_mb, imports_rss_mb=imports_mb)
+    line = json.dumps(record)
+    print(line)
+    if args.out:
+        with open(args.out, "a") as handle:
+            handle.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
