@@ -36,10 +36,16 @@ def test_segments_run_every_module_once_and_end_at_each_layer(backbone):
     parameters = [id(p) for modules in segments for module in modules for p in module.parameters()]
     assert len(parameters) == len(set(parameters)) == len(list(extractor.backbone.parameters()))
     assert [layer for _, layer in extractor._segments if layer is not None] == extractor.layers
-    # running the segments one after the other is the plain forward pass
+    # running the segments one after the other is the plain forward pass through the backbone's steps
     images = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
-        expected = extractor(images)
+        hidden, expected = images.contiguous(memory_format=torch.channels_last), {}
+        for step in extractor._steps:
+            hidden = extractor.backbone.get_submodule(step)(hidden)
+            if step in extractor.layers:
+                expected[step] = hidden
+        actual = extractor(images)
+        assert all(torch.equal(actual[layer], expected[layer]) for layer in extractor.layers)
         hidden, features = images.contiguous(memory_format=torch.channels_last), {}
         for modules, (_, layer) in zip(segments, extractor._segments):
             for module in modules:

@@ -6,7 +6,7 @@ import torch
 import torchvision
 from torch import nn
 
-from anomaly_detection.models.checkpointing import checkpoint_segments, run_checkpointed
+from anomaly_detection.models.checkpointing import checkpoint_segments, run_checkpointed, run_sequence
 from anomaly_detection.utils import PROJECT_ROOT
 
 BACKBONE_ROOT_ENV = "ANOMALY_DETECTION_BACKBONE_ROOT"
@@ -306,16 +306,14 @@ class FeatureExtractor(nn.Module):
         return super().train(False if self.frozen else mode)
 
     def forward(self, images):
+        # the segments run every module of the truncated backbone once, in order; checkpointed only
+        # while the student trains
+        checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        run = run_checkpointed if checkpointed else run_sequence
         features = {}
         hidden = images.contiguous(memory_format=torch.channels_last)
-        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            for names, layer in self._segments:
-                hidden = run_checkpointed([self.backbone.get_submodule(name) for name in names], hidden)
-                if layer is not None:
-                    features[layer] = hidden
-            return {layer: features[layer] for layer in self.layers}
-        for step in self._steps:
-            hidden = self.backbone.get_submodule(step)(hidden)
-            if step in self.channels:
-                features[step] = hidden
+        for names, layer in self._segments:
+            hidden = run([self.backbone.get_submodule(name) for name in names], hidden)
+            if layer is not None:
+                features[layer] = hidden
         return {layer: features[layer] for layer in self.layers}

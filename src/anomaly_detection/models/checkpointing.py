@@ -42,11 +42,11 @@ def run_checkpointed(modules, hidden):
     # their momentum at 0 and the batch counter restored it leaves the running statistics as one forward
     # pass left them, so a run with checkpointing ends with the same weights and statistics as one without.
     norms = [layer for module in modules for layer in module.modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm)]
-    return checkpoint(_run_sequence, modules, hidden, use_reentrant=False,
+    return checkpoint(run_sequence, modules, hidden, use_reentrant=False,
                       context_fn=lambda: (contextlib.nullcontext(), _frozen_running_stats(norms)))
 
 
-def _run_sequence(modules, hidden):
+def run_sequence(modules, hidden):
     for module in modules:
         hidden = module(hidden)
     return hidden
