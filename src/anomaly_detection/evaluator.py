@@ -6,10 +6,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
+from anomaly_detection.data.datasets import image_size, load_mask
+from anomaly_detection.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from anomaly_detection.metrics import compute_aupro, compute_auroc, compute_classification_metrics
 from anomaly_detection.utils import atomic_write_json, atomic_write_text, logger, resolve_device
+
+
+PIXEL_RESOLUTIONS = ("input", "native")
 
 
 def dataset_has_masks(dataset):
@@ -18,28 +25,43 @@ def dataset_has_masks(dataset):
     return getattr(dataset, "has_masks", None)
 
 
+def check_pixel_resolution(value):
+    if value not in PIXEL_RESOLUTIONS:
+        raise ValueError(f"evaluation.pixel_resolution must be 'input' or 'native', got {value!r}")
+    return value
+
+
 class Evaluator:
     def __init__(self, model, device="auto", output_dir=None, mean=None, std=None, max_panels=40, figures=True,
-                 progress_bar=True):
+                 progress_bar=True, pixel_resolution="input"):
+        self.pixel_resolution = check_pixel_resolution(pixel_resolution)
         self.device = resolve_device(device)
         self.model = model.to(self.device)
         self.output_dir = Path(output_dir) if output_dir else None
-        self.mean = mean if mean is not None else getattr(model, "mean", (0.485, 0.456, 0.406))
-        self.std = std if std is not None else getattr(model, "std", (0.229, 0.224, 0.225))
+        self.mean = mean if mean is not None else getattr(model, "mean", IMAGENET_MEAN)
+        self.std = std if std is not None else getattr(model, "std", IMAGENET_STD)
         self.max_panels = int(max_panels)
         self.figures = figures
         self.progress_bar = progress_bar
 
     @torch.no_grad()
-    def predict(self, loader, keep_maps=True):
+    def predict(self, loader, keep_maps=True, pixel_resolution="input"):
+        # keep_maps: the maps and masks at input size (threshold, figures); pixel_resolution="native" also
+        # keeps every map upsampled to its image's own size with the mask read at that size (pixel metrics)
+        check_pixel_resolution(pixel_resolution)
         self.model.eval()
         scores, labels, paths, defect_types, mask_found = [], [], [], [], False
         maps = masks = None
+        native = None
+        if pixel_resolution == "native" and dataset_has_masks(loader.dataset) is not False:
+            native = NativePixels.for_dataset(loader.dataset)
         count = 0
         started = time.perf_counter()
         for batch in tqdm(loader, desc="predict", disable=not self.progress_bar, leave=False):
             outputs = self.model(batch["image"].to(self.device, non_blocking=True))
             check_model_outputs(outputs, batch["image"])
+            if native is not None:
+                native.add(outputs["anomaly_map"], batch["image_path"], batch["mask_path"])
             scores.append(outputs["pred_score"].float().cpu().numpy().reshape(-1))
             labels.append(np.asarray(batch["label"]).reshape(-1))
             size = len(scores[-1])
@@ -64,6 +86,8 @@ class Evaluator:
             "masks": masks[:count] if keep_maps else None,
             "image_paths": paths, "defect_types": defect_types,
             "has_masks": mask_found if has_masks is None else bool(has_masks),
+            "native": native.finish() if native is not None else None,
+            "pixel_resolution": pixel_resolution,
             "predict_s": elapsed,
         }
 
@@ -83,7 +107,9 @@ class Evaluator:
         }
 
     def evaluate(self, test_loader, threshold=None):
-        predictions = self.predict(test_loader)
+        # at native resolution the input-size maps serve only the figures
+        keep_maps = self.pixel_resolution == "input" or (self.figures and self.output_dir is not None)
+        predictions = self.predict(test_loader, keep_maps=keep_maps, pixel_resolution=self.pixel_resolution)
         metrics = compute_metrics(predictions, threshold)
         if self.output_dir is not None:
             self.write_results(test_loader, predictions, metrics, threshold)
@@ -176,12 +202,22 @@ def compute_metrics(predictions, threshold=None):
         metrics["image_auroc"], metrics["image_ap"] = image["auroc"], image["average_precision"]
         metrics["image_f1_max"], metrics["image_f1_threshold"] = image["f1_max"], image["f1_threshold"]
         metrics["f1_max"] = metrics["image_f1_max"]
-        if predictions["has_masks"] and predictions["maps"] is not None:
-            maps, masks = predictions["maps"], predictions["masks"]
+        native = predictions.get("native")
+        if predictions["has_masks"] and (native is not None or predictions["maps"] is not None):
+            if native is not None:
+                maps, masks = native["maps"], native["masks"]
+                per_image_maps, per_image_masks = native_views(native)
+            else:
+                maps, masks = predictions["maps"], predictions["masks"]
+                per_image_maps, per_image_masks = maps, masks
             pixel = compute_classification_metrics(maps, masks, pixel_level=True)
             metrics["pixel_auroc"], metrics["pixel_ap"] = pixel["auroc"], pixel["average_precision"]
             metrics["pixel_f1_max"], metrics["pixel_f1_threshold"] = pixel["f1_max"], pixel["f1_threshold"]
-            metrics["aupro"] = compute_aupro(maps, masks, fpr_limit=0.3)
+            metrics["aupro"], counts = compute_aupro(per_image_maps, per_image_masks, fpr_limit=0.3,
+                                                     return_counts=True)
+            metrics["pixel_resolution"] = "native" if native is not None else "input"
+            metrics["num_pixels"] = int(masks.size)
+            metrics.update(counts)
         else:
             for key in ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_f1_threshold", "aupro"):
                 metrics[key] = float("nan")
@@ -205,3 +241,81 @@ def compute_metrics(predictions, threshold=None):
     for note in notes:
         logger.warning(note)
     return metrics
+
+
+def base_dataset_and_indices(dataset):
+    indices = None
+    while isinstance(dataset, Subset):
+        indices = list(dataset.indices) if indices is None else [dataset.indices[i] for i in indices]
+        dataset = dataset.dataset
+    return dataset, indices
+
+
+class NativePixels:
+    # Every test pixel at its image's own size, in one flat float32 array of maps and one flat bool array
+    # of masks, with per-image offsets. The exact metrics need all pixels at once; sizing both arrays from
+    # the image headers before the first batch means they are filled in place and held once, with no
+    # per-batch lists and no concatenated copy.
+    def __init__(self, image_paths):
+        self.sizes = {}
+        total = 0
+        for path in image_paths:
+            if path not in self.sizes:
+                width, height = image_size(path)
+                self.sizes[path] = (height, width)
+            total += self.sizes[path][0] * self.sizes[path][1]
+        self.maps = np.empty(total, dtype=np.float32)
+        # zeros come from the OS as untouched pages: the masks of good images cost no memory
+        self.masks = np.zeros(total, dtype=bool)
+        self.offsets, self.shapes = [0], []
+
+    @classmethod
+    def for_dataset(cls, dataset):
+        base, indices = base_dataset_and_indices(dataset)
+        crop = getattr(getattr(base, "transform", None), "center_crop", None)
+        if crop:
+            # the map covers only the centre of the resized image, so it has no place on the whole original
+            raise ValueError(f"evaluation.pixel_resolution=native cannot be used with data.center_crop={list(crop)}: "
+                             "the anomaly map covers only the cropped centre of the image. Set data.center_crop=null "
+                             "or evaluation.pixel_resolution=input")
+        samples = getattr(base, "samples", None)
+        if samples is None:
+            raise ValueError("evaluation.pixel_resolution=native reads each test image's size from its file, but "
+                             f"the test dataset ({type(base).__name__}) does not list its files (.samples)")
+        paths = [str(sample["image_path"]) for sample in samples]
+        return cls(paths if indices is None else [paths[index] for index in indices])
+
+    def add(self, anomaly_maps, image_paths, mask_paths):
+        for index, (image_path, mask_path) in enumerate(zip(image_paths, mask_paths)):
+            if image_path not in self.sizes:
+                raise ValueError(f"image {image_path} is not in the test dataset's list of files")
+            height, width = self.sizes[image_path]
+            start, end = self.offsets[-1], self.offsets[-1] + height * width
+            if end > self.maps.size:
+                raise ValueError("the test loader yielded more images than its dataset lists")
+            # one image at a time, upsampled as the models upsample their own maps
+            upsampled = F.interpolate(anomaly_maps[index:index + 1].float(), size=(height, width), mode="bilinear",
+                                      align_corners=False)
+            self.maps[start:end] = upsampled.reshape(-1).cpu().numpy()
+            if mask_path:
+                mask = load_mask(mask_path)
+                if tuple(mask.shape[-2:]) != (height, width):
+                    raise ValueError(f"Mask {mask_path} is {mask.shape[-1]}x{mask.shape[-2]} but its image "
+                                     f"{image_path} is {width}x{height}: expected the same size")
+                self.masks[start:end] = mask.reshape(-1).numpy() > 0.5
+            self.offsets.append(end)
+            self.shapes.append((height, width))
+
+    def finish(self):
+        if self.offsets[-1] != self.maps.size:
+            raise ValueError(f"the test loader yielded {len(self.shapes)} images, fewer than its dataset lists")
+        return {"maps": self.maps, "masks": self.masks, "offsets": np.asarray(self.offsets, dtype=np.int64),
+                "shapes": list(self.shapes)}
+
+
+def native_views(native):
+    maps, masks = [], []
+    for start, end, shape in zip(native["offsets"][:-1], native["offsets"][1:], native["shapes"]):
+        maps.append(native["maps"][start:end].reshape(shape))
+        masks.append(native["masks"][start:end].reshape(shape))
+    return maps, masks
