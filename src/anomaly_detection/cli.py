@@ -5,6 +5,8 @@ from pathlib import Path
 
 from anomaly_detection.utils import setup_logging, to_json
 
+# the model `train` and `demo` use when none is named
+DEFAULT_MODEL = "stfpm"
 DEMO_OVERRIDES = ["model.backbone=tf_efficientnet_lite0", "training.num_epochs=8", "training.batch_size=16",
                   "data.image_size=128"]
 
@@ -37,7 +39,7 @@ def build_parser():
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     train = commands.add_parser("train", help="train one or more categories, then evaluate on the test split")
-    train.add_argument("--model", default="stfpm")
+    train.add_argument("--model", default=DEFAULT_MODEL)
     train.add_argument("--dataset", default="mvtec")
     train.add_argument("--category", default=None, help="one category, or a comma-separated list, or 'all'")
     train.add_argument("--resume", action="store_true", help="continue from the category's last.pt")
@@ -50,7 +52,8 @@ def build_parser():
     predict = commands.add_parser("predict", help="score new images with a saved checkpoint")
     predict.add_argument("--checkpoint", required=True)
     predict.add_argument("--input", required=True, help="an image file or a folder of images")
-    predict.add_argument("--output", default=None, help="folder for heat-map figures")
+    predict.add_argument("--output", default=None,
+                         help="folder for predictions.csv (written as images are scored) and heat-map figures")
     add_overrides(predict)
 
     demo = commands.add_parser("demo", help="generated data -> STFPM (pretrained EfficientNet-Lite0) -> metrics")
@@ -61,7 +64,7 @@ def build_parser():
 def run_generate(args):
     from anomaly_detection.config import load_experiment_config
     from anomaly_detection.data.synthetic import generate_synthetic_category
-    root = args.root or load_experiment_config("stfpm", "demo")["demo_dir"]
+    root = args.root or load_experiment_config(DEFAULT_MODEL, "demo")["demo_dir"]
     folder = generate_synthetic_category(root, category=args.category, kind=args.kind, image_size=args.image_size,
                                          num_train=args.num_train, num_test_good=args.num_test_good,
                                          num_test_defect=args.num_test_defect, seed=args.seed,
@@ -73,7 +76,7 @@ def run_stats(args):
     from anomaly_detection.config import load_experiment_config
     from anomaly_detection.data import get_dataset_class
     from anomaly_detection.data.statistics import dataset_statistics, format_statistics
-    root = args.root or load_experiment_config("stfpm", args.dataset)["dataset"]["root_dir"]
+    root = args.root or load_experiment_config(DEFAULT_MODEL, args.dataset)["dataset"]["root_dir"]
     stats = dataset_statistics(get_dataset_class(args.dataset if args.dataset != "demo" else "mvtec"),
                                root, args.category)
     if not args.json:
@@ -90,7 +93,11 @@ def resolve_categories(config, category):
         if not known:
             raise ValueError(f"dataset '{config['dataset']['name']}' has no fixed category list: name them")
         return known
-    return [part.strip() for part in category.split(",") if part.strip()]
+    names = [part.strip() for part in category.split(",") if part.strip()]
+    if not names:
+        raise ValueError(f"--category {category!r} names no category: expected a name, a comma-separated list "
+                         "or 'all'")
+    return names
 
 
 def run_train(args):
@@ -120,20 +127,38 @@ def run_test(args):
 
 def run_predict(args):
     from anomaly_detection.data.datasets import list_images
-    from anomaly_detection.runner import predict_images
+    from anomaly_detection.predict import PredictionTable, check_output_folder, predict_images
     source = Path(args.input)
+    if not source.exists():
+        raise FileNotFoundError(f"--input {source} does not exist")
     paths = list_images(source) if source.is_dir() else [source]
     if not paths:
         raise FileNotFoundError(f"No images found at {source}")
-    results = predict_images(args.checkpoint, paths, args.output, args.overrides)
-    for record in results:
-        print(to_json(record))
-    return {"images": len(results), "anomalous": sum(bool(r.get("anomalous")) for r in results)}
+    output = check_output_folder(args.output) if args.output else None
+    table = PredictionTable(output / "predictions.csv") if output else None
+    counts = {"images": len(paths), "scored": 0, "anomalous": 0, "skipped": 0}
+    try:
+        for record in predict_images(args.checkpoint, paths, output, args.overrides):
+            print(to_json(record), flush=True)
+            if table is not None:
+                table.write(record)
+            if "error" in record:
+                counts["skipped"] += 1
+            else:
+                counts["scored"] += 1
+                counts["anomalous"] += int(bool(record.get("anomalous")))
+    finally:
+        if table is not None:
+            table.close()
+    if table is not None:
+        counts["predictions_csv"] = str(table.path)
+    # the scores above stand, but a run that skipped images must not look like a clean one to a script
+    return counts, (1 if counts["skipped"] else 0)
 
 
 def run_demo(args):
     from anomaly_detection.runner import build_config, train_and_evaluate
-    config = build_config("stfpm", "demo", DEMO_OVERRIDES + list(args.overrides))
+    config = build_config(DEFAULT_MODEL, "demo", DEMO_OVERRIDES + list(args.overrides))
     return train_and_evaluate(config)
 
 
@@ -149,9 +174,10 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, RuntimeError, OSError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    result, code = result if isinstance(result, tuple) else (result, 0)
     # the last line of output is one JSON object, for scripts
     print(to_json(result))
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 # src/anomaly_detection/config.py
 import copy
+import difflib
+import functools
 import os
 import re
 from pathlib import Path
@@ -54,13 +56,22 @@ def merge_configs(base, override):
     return merged
 
 
-def parse_overrides(overrides):
+def override_items(overrides):
+    # (key, value, raw text) per override; raw is None for programmatic (dict) overrides
     if overrides is None:
-        return {}
+        return []
     if isinstance(overrides, str):
         overrides = [overrides]
     if isinstance(overrides, dict):
-        items = overrides.items()
+        # {"training": {"num_epochs": 3}} is checked key by key, as training.num_epochs=3 would be
+        def flat(mapping, prefix):
+            for key, value in mapping.items():
+                dotted = f"{prefix}{str(key).strip()}"
+                if isinstance(value, dict) and value:
+                    yield from flat(value, dotted + ".")
+                else:
+                    yield dotted, value, None
+        items = list(flat(overrides, ""))
     else:
         items = []
         for text in overrides:
@@ -71,16 +82,86 @@ def parse_overrides(overrides):
                 value = yaml.safe_load(raw) if raw.strip() else ""
             except yaml.YAMLError:
                 value = raw
-            items.append((key.strip(), value))
+            items.append((key.strip(), value, raw.strip()))
+    for key, _, _ in items:
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"Override with an empty key part: '{key}=...' (expected e.g. training.num_epochs=5)")
+    return items
+
+
+def nest_items(items):
     result = {}
-    for key, value in items:
-        if not key:
-            raise ConfigError("Override with an empty key")
+    for key, value, _ in items:
         nested = value
         for part in reversed(key.split(".")):
             nested = {part: nested}
         result = merge_configs(result, nested)
     return result
+
+
+def parse_overrides(overrides):
+    return nest_items(override_items(overrides))
+
+
+TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+              dict: "a mapping"}
+
+
+def leaf_keys(config, prefix=""):
+    keys = []
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        keys.append(dotted)
+        if isinstance(value, dict):
+            keys += leaf_keys(value, dotted + ".")
+    return keys
+
+
+def check_override(defined, key, value, raw, source):
+    # defined: the merged YAML files before overrides. A key they do not define is a typo until proven
+    # otherwise; a value of another type than the YAML's would fail (or silently mislead) later.
+    node = defined
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            known = leaf_keys(defined)
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"Unknown config key '{key}' (no YAML file of {source} defines it){hint}")
+        node = node[part]
+    expected = node
+    if key in VALUE_RULES:
+        # a key with a rule of its own (training.mixed_precision takes false or bf16) is checked by it
+        return value
+    if expected is None or (value is None and parts[0] == "model"):
+        # null in the YAML: the key takes any type (a size, a list of layers, ...); model keys may be
+        # set to null where the model documents what null means (its constructor checks the value)
+        return value
+    if isinstance(expected, str):
+        # YAML would read dataset.category=01 as the integer 1: a string key keeps the text as typed
+        # (a list stays a list: data.normalization also takes [mean, std], checked by VALUE_RULES)
+        if isinstance(value, (str, list)):
+            return value
+        return raw if raw is not None else str(value)
+    if isinstance(expected, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(expected, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(expected, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(expected))
+    if not ok:
+        shown = raw if raw is not None else repr(value)
+        raise ConfigError(f"Config key '{key}' expects {TYPE_NAMES.get(type(expected), type(expected).__name__)} "
+                          f"(the YAML has {expected!r}), got '{shown}'")
+    return value
+
+
+def apply_overrides(defined, overrides, source):
+    items = [(key, check_override(defined, key, value, raw, source), raw)
+             for key, value, raw in override_items(overrides)]
+    return merge_configs(defined, nest_items(items))
 
 
 def _lookup(config, name):
@@ -149,7 +230,7 @@ def _absolutize_paths(config, project_root):
     return config
 
 
-def _finalize(raw, source, config_dir):
+def finalize_config(raw, source, config_dir):
     project_root = Path(config_dir).resolve().parent
     config = resolve_references(raw, builtins={"PROJECT_ROOT": str(project_root)}, source=source)
     return _absolutize_paths(config, project_root)
@@ -157,8 +238,8 @@ def _finalize(raw, source, config_dir):
 
 def load_config(path, overrides=None):
     path = Path(path)
-    raw = merge_configs(read_yaml(path), parse_overrides(overrides))
-    return _finalize(raw, str(path), path.resolve().parent)
+    raw = apply_overrides(read_yaml(path), overrides, str(path))
+    return finalize_config(raw, str(path), path.resolve().parent)
 
 
 def available_names(config_dir, group):
@@ -184,9 +265,10 @@ def load_experiment_config(model_name, dataset_name, overrides=None, config_dir=
                  _named_config(config_dir, "models", model_name, "model")):
         raw = merge_configs(raw, part)
     raw = merge_configs(raw, {"experiment": {"model": model_name, "dataset": dataset_name}})
-    raw = merge_configs(raw, parse_overrides(overrides))
     source = f"{config_dir} (model={model_name}, dataset={dataset_name})"
-    return _finalize(raw, source, config_dir)
+    raw = apply_overrides(raw, overrides, source)
+    check_values(raw)
+    return finalize_config(raw, source, config_dir)
 
 
 def save_config(config, path):
@@ -198,3 +280,83 @@ def get_nested(config, dotted, default=None):
         return _lookup(config, dotted)
     except KeyError:
         return default
+
+
+class _FromYaml:
+    def __repr__(self):
+        return "FROM_YAML"
+
+
+# A constructor argument left at FROM_YAML takes the value of configs/models/<model>.yaml (over default.yaml):
+# the YAML is the one home of every default, the Python API included.
+FROM_YAML = _FromYaml()
+
+
+@functools.lru_cache(maxsize=None)
+def packaged_defaults(model_name, config_dir=None):
+    config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
+    return merge_configs(read_yaml(config_dir / "default.yaml"), _named_config(config_dir, "models", model_name, "model"))
+
+
+def fill_from_yaml(model_name, section, arguments):
+    wanted = [key for key, value in arguments.items() if value is FROM_YAML]
+    if not wanted:
+        return dict(arguments)
+    defaults = packaged_defaults(model_name).get(section) or {}
+    for key in wanted:
+        if key not in defaults:
+            raise ConfigError(f"{section}.{key} has no value in configs/models/{model_name}.yaml or "
+                              f"configs/default.yaml: pass {key}= explicitly or add it to the YAML")
+    return {key: copy.deepcopy(defaults[key]) if value is FROM_YAML else value for key, value in arguments.items()}
+
+
+def _positive_int(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _image_size(value):
+    sizes = value if isinstance(value, list) and len(value) == 2 else [value]
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= 8 for v in sizes)
+
+
+# Keys every run reads, checked before any work so a bad value stops the run before the first epoch rather
+# than after training. Model keys are checked by the model's constructor, which also runs before training.
+VALUE_RULES = {
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    "device": (lambda v: v in ("auto", "cpu", "mps") or (isinstance(v, str) and re.fullmatch(r"cuda(:\d+)?", v)),
+               "auto, cpu, cuda, cuda:N or mps"),
+    "cpu_allocator": (lambda v: v in ("keep", "release"), "keep or release"),
+    "data.image_size": (_image_size, "an integer >= 8 or [height, width]"),
+    "data.center_crop": (lambda v: v is None or _image_size(v), "null, an integer >= 8 or [height, width]"),
+    "data.eval_batch_size": (_positive_int, "an integer >= 1"),
+    "data.num_workers": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    "data.val_fraction": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
+                          "a number in [0, 1)"),
+    "training.num_epochs": (_positive_int, "an integer >= 1"),
+    "training.batch_size": (_positive_int, "an integer >= 1"),
+    "training.micro_batch_size": (lambda v: v is None or _positive_int(v), "null or an integer >= 1"),
+    "training.gradient_clip_norm": (lambda v: v is None or (isinstance(v, (int, float)) and v > 0),
+                                    "null or a number > 0"),
+    "training.mixed_precision": (lambda v: v in (False, True, "auto", "bf16", "bfloat16", "fp16", "float16"),
+                                 "false, true, bf16 or fp16"),
+    "training.monitor_mode": (lambda v: v in ("min", "max"), "min or max"),
+    "evaluation.threshold_quantile": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
+                                      "a number in (0, 1]"),
+    "evaluation.max_panels": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    "evaluation.pixel_resolution": (lambda v: v in ("input", "native"), "input or native"),
+    "data.normalization": (lambda v: v in ("backbone", "imagenet", "half") or (isinstance(v, list) and len(v) == 2),
+                           "backbone, imagenet, half or [[mean x3], [std x3]]"),
+}
+
+
+def check_values(config):
+    for key, (valid, expected) in VALUE_RULES.items():
+        try:
+            value = _lookup(config, key)
+        except KeyError:
+            continue
+        if isinstance(value, str) and _REFERENCE.search(value):
+            continue
+        if not valid(value):
+            raise ConfigError(f"Config key '{key}' must be {expected}, got {value!r}")
+    return config

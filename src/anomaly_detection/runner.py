@@ -3,18 +3,19 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-from anomaly_detection.config import load_experiment_config, parse_overrides, save_config
+from anomaly_detection.allocator import configure_cpu_allocator
+from anomaly_detection.config import load_experiment_config, save_config
 from anomaly_detection.data import build_dataset, create_dataloader, get_test_transforms, get_train_transforms
 from anomaly_detection.data.dataloaders import split_train_val
 from anomaly_detection.evaluator import Evaluator
 from anomaly_detection.models import get_trainer_class
-from anomaly_detection.trainer import CHECKPOINT_FORMAT, load_checkpoint_file
-from anomaly_detection.allocator import configure_cpu_allocator
-from anomaly_detection.utils import atomic_torch_save, atomic_write_json, logger, peak_rss_mb, seed_everything
+from anomaly_detection.run_config import check_resume_config, checkpoint_config, resolve_normalization_config
+from anomaly_detection.trainer import load_checkpoint_file
+from anomaly_detection.utils import atomic_write_json, logger, peak_rss_mb, seed_everything
 
 SUMMARY_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "pixel_f1_max", "image_ap", "pixel_ap")
+# below this many normal validation images a 0.99 quantile is little more than their maximum
+MIN_THRESHOLD_IMAGES = 10
 
 
 def build_config(model_name, dataset_name, overrides=None, config_dir=None):
@@ -35,7 +36,7 @@ def output_dirs(config, category):
 
 
 def ensure_dataset(config, category):
-    synthetic = config["dataset"].get("synthetic")
+    synthetic = config["dataset"].get("synthetic")  # only the generated demo dataset has this section
     if synthetic:
         from anomaly_detection.data.synthetic import generate_synthetic_category
         generate_synthetic_category(config["dataset"]["root_dir"], category=category, **synthetic)
@@ -43,85 +44,78 @@ def ensure_dataset(config, category):
 
 def build_transforms(config):
     data = config["data"]
-    backbone = config["model"].get("backbone")
-    options = {"image_size": data.get("image_size", 256), "center_crop": data.get("center_crop"),
-               "normalization": data.get("normalization", "backbone"), "backbone": backbone}
+    options = {"image_size": data["image_size"], "center_crop": data["center_crop"],
+               "normalization": data["normalization"]}
     return get_train_transforms(**options), get_test_transforms(**options)
 
 
 def build_loaders(config, category):
     train_transform, test_transform = build_transforms(config)
     data, training = config["data"], config["training"]
+    # the test split is read (every header checked) before training, so a bad test file stops the run now
+    test_loader = build_test_loader(config, category, test_transform)
     train_full = build_dataset(config["dataset"], "train", train_transform, category=category)
-    train_set, val_set = split_train_val(train_full, data.get("val_fraction", 0.1), seed=config.get("seed", 0))
+    train_set, val_set = split_train_val(train_full, data["val_fraction"], seed=config["seed"])
     if val_set is not None:
         # validation images are scored like test images: no training augmentation
         val_set.dataset = build_dataset(config["dataset"], "train", test_transform, category=category)
-    workers = int(data.get("num_workers", 0))
-    train_loader = create_dataloader(train_set, int(training.get("batch_size", 32)), shuffle=True,
-                                     num_workers=workers, drop_last=bool(training.get("drop_last", False)))
-    val_loader = create_dataloader(val_set, eval_batch_size(config), num_workers=workers) if val_set is not None else None
-    return train_loader, val_loader, build_test_loader(config, category, test_transform)
-
-
-def eval_batch_size(config):
-    return int(config["data"].get("eval_batch_size", config["training"].get("batch_size", 32)))
+    train_loader = create_dataloader(train_set, training["batch_size"], shuffle=True, num_workers=data["num_workers"])
+    val_loader = create_dataloader(val_set, data["eval_batch_size"], num_workers=data["num_workers"]) \
+        if val_set is not None else None
+    return train_loader, val_loader, test_loader
 
 
 def build_test_loader(config, category, test_transform=None):
     test_transform = test_transform or build_transforms(config)[1]
     test_set = build_dataset(config["dataset"], "test", test_transform, category=category)
-    return create_dataloader(test_set, eval_batch_size(config), num_workers=int(config["data"].get("num_workers", 0)))
+    return create_dataloader(test_set, config["data"]["eval_batch_size"], num_workers=config["data"]["num_workers"])
 
 
 def make_evaluator(config, model, results_dir):
-    evaluation = config.get("evaluation", {})
-    return Evaluator(model, device=config.get("device", "auto"), output_dir=results_dir,
-                     max_panels=evaluation.get("max_panels", 40), figures=evaluation.get("figures", True),
-                     progress_bar=config["training"].get("progress_bar", True))
+    evaluation = config["evaluation"]
+    mean, std = config["data"]["normalization"]
+    return Evaluator(model, device=config["device"], output_dir=results_dir, mean=mean, std=std,
+                     max_panels=evaluation["max_panels"], figures=evaluation["figures"],
+                     progress_bar=config["training"]["progress_bar"],
+                     pixel_resolution=evaluation["pixel_resolution"])
 
 
-def save_model_file(path, trainer, config, threshold, epoch):
-    state = {"format": CHECKPOINT_FORMAT, "model_class": type(trainer.model).__name__,
-             "model_name": config["model"]["name"], "model": trainer.model.state_dict(),
-             "config": config, "threshold": threshold, "epoch": epoch}
-    return atomic_torch_save(state, path)
+def prepare_run_config(config, category):
+    # the category is part of how the run's config is rebuilt later: quoted so "01" stays a string
+    experiment = dict(config["experiment"], overrides=list(config["experiment"].get("overrides") or [])
+                      + [f"dataset.category={json.dumps(category)}"])
+    config = dict(config, dataset=dict(config["dataset"], category=category), experiment=experiment)
+    return resolve_normalization_config(config)
 
 
 def train_and_evaluate(config, category=None, resume=False):
     category = str(category if category is not None else config["dataset"]["category"])
-    # the category is part of how the run's config is rebuilt later (test, predict): quoted so "01" stays a string
-    experiment = dict(config["experiment"], overrides=list(config["experiment"].get("overrides") or [])
-                      + [f"dataset.category={json.dumps(category)}"])
-    config = dict(config, dataset=dict(config["dataset"], category=category), experiment=experiment)
-    seed_everything(int(config.get("seed", 0)))
-    configure_cpu_allocator(config.get("cpu_allocator"))
+    config = prepare_run_config(config, category)
+    seed_everything(config["seed"])
+    configure_cpu_allocator(config["cpu_allocator"])
     ensure_dataset(config, category)
     dirs = output_dirs(config, category)
-    save_config(config, dirs["results"] / "config.yaml")
-    save_config(config, dirs["checkpoints"] / "config.yaml")
-    train_loader, val_loader, test_loader = build_loaders(config, category)
-    trainer = get_trainer_class(config["model"]["name"]).from_config(
-        config, checkpoint_dir=dirs["checkpoints"], log_dir=dirs["logs"])
     last = dirs["checkpoints"] / "last.pt"
     resume_from = last if resume and last.is_file() else None
     if resume and resume_from is None:
         logger.warning("--resume: no checkpoint at %s, starting from scratch", last)
+    if resume_from is not None:
+        check_resume_config(load_checkpoint_file(resume_from)["config"], config, resume_from)
+    train_loader, val_loader, test_loader = build_loaders(config, category)
+    trainer = get_trainer_class(config["model"]["name"]).from_config(
+        config, checkpoint_dir=dirs["checkpoints"], log_dir=dirs["logs"])
+    save_config(config, dirs["results"] / "config.yaml")
+    save_config(config, dirs["checkpoints"] / "config.yaml")
 
     started = time.perf_counter()
-    trainer.fit(train_loader, val_loader, num_epochs=int(config["training"]["num_epochs"]), resume_from=resume_from)
+    trainer.fit(train_loader, val_loader, num_epochs=config["training"]["num_epochs"], resume_from=resume_from)
     best = dirs["checkpoints"] / "best.pt"
     epoch = trainer.load_checkpoint(best) if best.is_file() else trainer.current_epoch
     evaluator = make_evaluator(config, trainer.model, dirs["results"])
-    quantile = float(config.get("evaluation", {}).get("threshold_quantile", 0.99))
-    threshold_loader = val_loader
-    if threshold_loader is None:
-        logger.warning("no validation images (data.val_fraction=0): the threshold comes from the training images")
-        threshold_loader = create_dataloader(train_loader.dataset, train_loader.batch_size)
-    threshold = evaluator.calibrate_threshold(threshold_loader, quantile)
+    threshold = calibrate_threshold(evaluator, val_loader, train_loader, config["evaluation"]["threshold_quantile"])
     fit_s = time.perf_counter() - started
     fit_peak_rss_mb = peak_rss_mb()
-    model_path = save_model_file(dirs["checkpoints"] / "model.pt", trainer, config, threshold, epoch)
+    model_path = trainer.save_model(dirs["checkpoints"] / "model.pt", threshold, epoch)
 
     started = time.perf_counter()
     metrics = evaluator.evaluate(test_loader, threshold)
@@ -134,11 +128,25 @@ def train_and_evaluate(config, category=None, resume=False):
                      epoch_s=[round(r["epoch_s"], 3) for r in epochs])
 
 
+def calibrate_threshold(evaluator, val_loader, train_loader, quantile):
+    loader = val_loader
+    if loader is None:
+        logger.warning("no validation images (data.val_fraction=0): the threshold comes from the training images, "
+                       "which the model has seen, so it is optimistic")
+        loader = create_dataloader(train_loader.dataset, train_loader.batch_size)
+    threshold = evaluator.calibrate_threshold(loader, quantile)
+    if threshold["num_images"] < MIN_THRESHOLD_IMAGES:
+        logger.warning("the threshold (quantile %s) comes from only %d normal image(s), fewer than %d: it is little "
+                       "more than their maximum; raise data.val_fraction or add training images",
+                       quantile, threshold["num_images"], MIN_THRESHOLD_IMAGES)
+    return threshold
+
+
 def summarize(config, category, metrics, results_dir, model_path, **figures):
     summary = {"model": config["model"]["name"], "dataset": config["experiment"]["dataset"], "category": category}
     summary.update({key: metrics.get(key) for key in SUMMARY_KEYS})
     summary.update(figures)
-    summary["test_s_per_image"] = figures["test_s"] / max(1, figures.get("num_test_images", 1))
+    summary["test_s_per_image"] = figures["test_s"] / max(1, figures["num_test_images"])
     summary["peak_rss_mb"] = peak_rss_mb()
     summary["results_dir"] = str(results_dir)
     summary["checkpoint"] = str(model_path)
@@ -146,36 +154,26 @@ def summarize(config, category, metrics, results_dir, model_path, **figures):
     return summary
 
 
-def config_from_checkpoint(state, overrides=None, config_dir=None):
-    saved = state.get("config") or {}
-    experiment = saved.get("experiment") or {}
-    extra = overrides if isinstance(overrides, list) else [f"{k}={v}" for k, v in (overrides or {}).items()]
-    if experiment.get("model") and experiment.get("dataset"):
-        try:
-            return build_config(experiment["model"], experiment["dataset"],
-                                list(experiment.get("overrides") or []) + extra, config_dir)
-        except FileNotFoundError:
-            logger.warning("the config folder is not available: using the config saved in the checkpoint")
-    from anomaly_detection.config import merge_configs
-    return merge_configs(saved, parse_overrides(extra))
-
-
-def load_trained_model(checkpoint_path, config):
+def load_model_file(checkpoint_path, overrides=None, config_dir=None):
+    # model.pt is read once: its config (the run's own, with overrides checked against it), its weights
+    # and its threshold
+    state = load_checkpoint_file(checkpoint_path)
+    config = checkpoint_config(state, overrides, config_dir, checkpoint_path)
     trainer_class = get_trainer_class(config["model"]["name"])
     # the checkpoint holds every weight, the backbone's too, so no backbone file is needed here
     model = trainer_class.build_model(config, pretrained=False)
-    state = load_checkpoint_file(checkpoint_path, expected_model_class=type(model).__name__)
+    if state["model_class"] != type(model).__name__:
+        raise ValueError(f"Checkpoint {checkpoint_path} holds a {state['model_class']}, but its config builds a "
+                         f"{type(model).__name__}")
     model.load_state_dict(state["model"])
-    return model, state
+    return model, config, state
 
 
 def test_checkpoint(checkpoint_path, overrides=None, config_dir=None):
-    state = load_checkpoint_file(checkpoint_path)
-    config = config_from_checkpoint(state, overrides, config_dir)
-    configure_cpu_allocator(config.get("cpu_allocator"))
+    model, config, state = load_model_file(checkpoint_path, overrides, config_dir)
+    configure_cpu_allocator(config["cpu_allocator"])
     category = str(config["dataset"]["category"])
     ensure_dataset(config, category)
-    model, state = load_trained_model(checkpoint_path, config)
     dirs = output_dirs(config, category)
     test_loader = build_test_loader(config, category)
     evaluator = make_evaluator(config, model, dirs["results"])
@@ -184,34 +182,3 @@ def test_checkpoint(checkpoint_path, overrides=None, config_dir=None):
     test_s = time.perf_counter() - started
     return summarize(config, category, metrics, dirs["results"], checkpoint_path, fit_s=0.0, test_s=test_s,
                      num_test_images=len(test_loader.dataset))
-
-
-def predict_images(checkpoint_path, image_paths, output_dir=None, overrides=None, config_dir=None):
-    from anomaly_detection.data.datasets import load_image_raw
-    from anomaly_detection.metrics import denormalize_image, plot_anomaly_panel
-    state = load_checkpoint_file(checkpoint_path)
-    config = config_from_checkpoint(state, overrides, config_dir)
-    configure_cpu_allocator(config.get("cpu_allocator"))
-    model, state = load_trained_model(checkpoint_path, config)
-    _, transform = build_transforms(config)
-    evaluator = Evaluator(model, device=config.get("device", "auto"), progress_bar=False)
-    threshold = state.get("threshold") or {}
-    results = []
-    model.eval()
-    for path in image_paths:
-        image = transform(load_image_raw(path))
-        with torch.no_grad():
-            outputs = evaluator.model(image[None].to(evaluator.device))
-        score = float(outputs["pred_score"][0])
-        record = {"image_path": str(path), "score": score}
-        if "image_threshold" in threshold:
-            record["anomalous"] = bool(score >= threshold["image_threshold"])
-        if output_dir is not None:
-            anomaly_map = outputs["anomaly_map"][0, 0].cpu().numpy()
-            figure_path = Path(output_dir) / f"{Path(path).stem}_prediction.png"
-            plot_anomaly_panel(denormalize_image(image, model.mean, model.std), anomaly_map * 0, anomaly_map,
-                               threshold.get("pixel_threshold", float(anomaly_map.max())),
-                               f"{Path(path).name} score {score:.4g}", figure_path)
-            record["figure"] = str(figure_path)
-        results.append(record)
-    return results

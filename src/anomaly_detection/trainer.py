@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from anomaly_detection import __version__
 from anomaly_detection.utils import atomic_torch_save, json_safe, logger, resolve_device, seed_everything
 
 CHECKPOINT_FORMAT = 1
@@ -54,6 +55,20 @@ class BaseTrainer:
         self.best_value = None
         self.history = []
         self.writer = None
+        self._single_class_noted = False
+
+    # ---- what the runner calls on a trainer class (a model folder's trainer provides build_model) ---
+    @classmethod
+    def build_model(cls, config, pretrained=None):
+        # the torch model described by config["model"]; pretrained=False skips the backbone file (the
+        # checkpoint being loaded holds every weight)
+        raise NotImplementedError(f"{cls.__name__} must implement build_model(config, pretrained=None) "
+                                  "to be trained from a config (anomaly_detection.models.MODELS)")
+
+    @classmethod
+    def from_config(cls, config, model=None, **options):
+        model = model if model is not None else cls.build_model(config)
+        return cls(model, **trainer_arguments(config), **options)
 
     # ---- methods a subclass provides -------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -66,8 +81,24 @@ class BaseTrainer:
         return None
 
     def compute_validation_metrics(self, step_outputs):
-        losses = [float(out["loss"]) for out in step_outputs if isinstance(out, dict) and "loss" in out]
-        return {"val_loss": sum(losses) / len(losses)} if losses else {}
+        # val_loss: the mean of the steps' "loss", weighted by "batch_size" where a step gives it;
+        # auroc: image level, from the steps' "predictions" and "labels" (NaN while one class is present)
+        step_outputs = [out for out in step_outputs if isinstance(out, dict)]
+        metrics = {}
+        losses = [(float(out["loss"]), int(out.get("batch_size", 1))) for out in step_outputs if "loss" in out]
+        if losses:
+            metrics["val_loss"] = sum(loss * size for loss, size in losses) / sum(size for _, size in losses)
+        scored = [out for out in step_outputs if "predictions" in out and "labels" in out]
+        if scored:
+            scores = np.concatenate([prediction_scores(out["predictions"]) for out in scored])
+            labels = np.concatenate([np.asarray(to_cpu(out["labels"])).reshape(-1) for out in scored])
+            metrics["auroc"] = validation_auroc(scores, labels)
+            if math.isnan(metrics["auroc"]) and not self._single_class_noted:
+                # our validation split is normal images only: AUROC is undefined there; saying so once is enough
+                self._single_class_noted = True
+                logger.warning("val_metrics['auroc'] is NaN: the validation images are all of one class (label %s); "
+                               "image AUROC needs good and defective images", np.unique(labels).tolist())
+        return metrics
 
     # ---- hooks (the seed's names and signatures) -------------------------------------------------
     def on_fit_start(self):
@@ -113,12 +144,15 @@ class BaseTrainer:
         for epoch in range(start_epoch, num_epochs):
             self.current_epoch = epoch
             started = time.perf_counter()
+            self.model.train()
+            self.on_train_epoch_start(epoch)
             train_loss = self.train_epoch(train_loader, epoch)
             self.on_train_epoch_end(epoch, train_loss)
             train_s = time.perf_counter() - started
             val_metrics = self.validate(val_loader, epoch) if val_loader is not None else {}
-            record = {"epoch": epoch, "train_loss": train_loss, **val_metrics, "train_s": train_s,
-                      "epoch_s": time.perf_counter() - started}
+            check_validation_metrics(val_metrics, epoch)
+            record = {"epoch": epoch, **({"train_loss": train_loss} if train_loss is not None else {}),
+                      **val_metrics, "train_s": train_s, "epoch_s": time.perf_counter() - started}
             self.history.append(record)
             self._log_epoch(record)
             self.save_epoch_checkpoints(epoch, record)
@@ -127,8 +161,6 @@ class BaseTrainer:
         return self.history
 
     def train_epoch(self, train_loader, epoch):
-        self.model.train()
-        self.on_train_epoch_start(epoch)
         total, count = 0.0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch}", disable=not self.progress_bar, leave=False)
         for batch_idx, batch in enumerate(bar):
@@ -145,7 +177,8 @@ class BaseTrainer:
             self.on_train_batch_end(batch, batch_idx, outputs, loss)
         if self.scheduler is not None:
             self.scheduler.step()
-        return total / count if count else float("nan")
+        # no loss was returned (a step that only accumulates): nothing to report rather than NaN
+        return total / count if count else None
 
     def training_batch(self, batch, batch_idx, epoch):
         # With micro_batch_size the batch runs in slices whose gradients add up before one optimizer step:
@@ -252,27 +285,39 @@ class BaseTrainer:
         if improved or monitored is None:
             self.save_checkpoint(self.checkpoint_dir / "best.pt", epoch)
 
-    def checkpoint_state(self, epoch):
-        return {
+    def checkpoint_state(self, epoch, training_state=True):
+        state = {
             "format": CHECKPOINT_FORMAT,
+            "version": __version__,
             "model_class": type(self.model).__name__,
             "trainer_class": type(self).__name__,
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "epoch": epoch,
-            "global_step": self.global_step,
-            "best_value": self.best_value,
-            "monitor": self.monitor,
-            "history": self.history,
             "config": self.config,
-            "rng": capture_rng_state(),
+            "normalization": model_normalization(self.model),
         }
+        if training_state:
+            state.update({
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "global_step": self.global_step,
+                "best_value": self.best_value,
+                "monitor": self.monitor,
+                "history": self.history,
+                "rng": capture_rng_state(),
+            })
+        return state
 
-    def save_checkpoint(self, path, epoch=None, extra=None):
-        state = self.checkpoint_state(self.current_epoch if epoch is None else epoch)
-        state.update(extra or {})
+    def save_checkpoint(self, path, epoch=None):
+        return atomic_torch_save(self.checkpoint_state(self.current_epoch if epoch is None else epoch), path)
+
+    def save_model(self, path, threshold, epoch=None):
+        # model.pt, the one file test, predict and export rebuild the model from: weights, threshold,
+        # normalisation, resolved config and package version; no optimizer state
+        check_threshold(threshold, path)
+        state = self.checkpoint_state(self.current_epoch if epoch is None else epoch, training_state=False)
+        state.update({"kind": "model", "threshold": threshold})
         return atomic_torch_save(state, path)
 
     def load_checkpoint(self, path, restore_training_state=False):
@@ -380,59 +425,128 @@ def restore_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def base_trainer_options(config):
-    training = config.get("training", {})
+def trainer_arguments(config):
+    # BaseTrainer's own keyword arguments, from the keys configs/default.yaml defines
+    training = config["training"]
     return {
-        "device": config.get("device", "auto"),
-        "seed": config.get("seed"),
+        "device": config["device"],
+        "seed": config["seed"],
         "config": config,
-        "mixed_precision": training.get("mixed_precision", False),
-        "gradient_clip_norm": training.get("gradient_clip_norm"),
-        "monitor": training.get("monitor", "val_loss"),
-        "monitor_mode": training.get("monitor_mode", "min"),
-        "progress_bar": training.get("progress_bar", True),
-        "micro_batch_size": training.get("micro_batch_size"),
+        "mixed_precision": training["mixed_precision"],
+        "gradient_clip_norm": training["gradient_clip_norm"],
+        "monitor": training["monitor"],
+        "monitor_mode": training["monitor_mode"],
+        "progress_bar": training["progress_bar"],
+        "micro_batch_size": training["micro_batch_size"],
     }
 
 
+def model_arguments(config, pretrained=None):
+    # config["model"] as keyword arguments of the model's constructor: the YAML keys are its argument names
+    arguments = {key: value for key, value in config["model"].items() if key != "name"}
+    if pretrained is not None:
+        arguments["pretrained"] = pretrained
+    if "pretrained" in arguments and not arguments["pretrained"]:
+        arguments["weights"] = None
+    arguments["backbone_root"] = config["backbone_root"]
+    return arguments
+
+
+def model_normalization(model):
+    mean, std = getattr(model, "mean", None), getattr(model, "std", None)
+    return {"mean": list(mean), "std": list(std)} if mean is not None and std is not None else None
+
+
+def check_validation_metrics(val_metrics, epoch):
+    for key, value in val_metrics.items():
+        if "loss" in key and not math.isfinite(value):
+            raise FloatingPointError(
+                f"{key} is {value} at epoch {epoch}: the model diverged (the training loss can stay finite while "
+                "validation is not). Lower training.learning_rate, set training.gradient_clip_norm, or turn off "
+                "training.mixed_precision; no model.pt was written from this run")
+
+
+def check_threshold(threshold, path):
+    if threshold is None:
+        return
+    for key in ("image_threshold", "pixel_threshold"):
+        value = threshold.get(key)
+        if value is None or not math.isfinite(float(value)):
+            raise FloatingPointError(
+                f"not writing {path}: {key} is {value}, the model scored the normal validation images with "
+                "non-finite values (it diverged or its inputs hold NaN). Lower training.learning_rate or check "
+                "the data; a model with a non-finite threshold would call every image normal")
+
+
+def to_cpu(value):
+    return value.detach().float().cpu() if isinstance(value, torch.Tensor) else value
+
+
+def prediction_scores(predictions):
+    # one score per image: a model's eval dict ("pred_score"), a tensor with one value per image, or a
+    # two-class output (logits or probabilities), scored by z1 - z0, which orders images as softmax's p1 does
+    if isinstance(predictions, dict):
+        if "pred_score" not in predictions:
+            raise ValueError("validation_step 'predictions' is a dict without 'pred_score': "
+                             f"expected one score per image, got keys {sorted(predictions)}")
+        predictions = predictions["pred_score"]
+    values = np.asarray(to_cpu(predictions), dtype=np.float64)
+    if values.ndim == 0:
+        values = values.reshape(1)
+    if values.ndim == 1 or values[0].size == 1:
+        return values.reshape(values.shape[0])
+    if values.ndim == 2 and values.shape[1] == 2:
+        return values[:, 1] - values[:, 0]
+    raise ValueError(f"validation_step 'predictions' has shape {values.shape}: expected one score per image "
+                     "(B or Bx1), two-class outputs (Bx2) or a dict with 'pred_score'")
+
+
+def validation_auroc(scores, labels):
+    from anomaly_detection.metrics import compute_auroc
+    if np.unique(labels).size < 2:
+        return float("nan")
+    return float(compute_auroc(scores, labels))
+
+
 class OnePassTrainer(BaseTrainer):
-    # Methods without gradient training (PatchCore, PaDiM): one pass over the normal images feeds the model's
-    # accumulator (model.begin_fit / accumulate / finalize_fit), finalised at the end of the epoch, so that
-    # the checkpoints written after it hold the fitted buffers.
+    # Methods without gradient training (PatchCore, PaDiM): an epoch is one pass over the normal images
+    # through the model's begin_fit / accumulate / finalize_fit. It is this trainer's train_epoch, not a
+    # hook, so a subclass that overrides a hook to log something cannot skip the fit.
     def __init__(self, model, device="auto", **kwargs):
         super().__init__(model, None, device=device, **kwargs)
-        self.expected_images = None
         self.fit_timings = {}
-        self._epoch_started = None
-        self._extract_s = 0.0
 
     def configure_optimizers(self):
         return None
 
     def fit(self, train_loader, val_loader=None, num_epochs=1, resume_from=None):
-        self.expected_images = len(train_loader.dataset) if hasattr(train_loader, "dataset") else None
-        return super().fit(train_loader, val_loader, num_epochs=num_epochs, resume_from=resume_from)
+        # nothing is learned between epochs, so nothing is validated (no images decoded for it); the runner
+        # calibrates the threshold on the validation images after the fit
+        return super().fit(train_loader, None, num_epochs=num_epochs, resume_from=resume_from)
 
-    def on_train_epoch_start(self, epoch):
-        self.model.begin_fit(self.expected_images)
-        self._epoch_started = time.perf_counter()
-        self._extract_s = 0.0
-
-    def training_step(self, batch, batch_idx):
+    def train_epoch(self, train_loader, epoch):
         started = time.perf_counter()
-        self.model.accumulate(batch["image"].to(self.device, non_blocking=True))
-        self._extract_s += time.perf_counter() - started
-        return {}
-
-    def on_train_epoch_end(self, epoch, train_loss):
-        loop_s = time.perf_counter() - self._epoch_started
+        extract_s = 0.0
+        self.model.begin_fit(len(train_loader.dataset) if hasattr(train_loader, "dataset") else None)
+        bar = tqdm(train_loader, desc=f"fit {epoch}", disable=not self.progress_bar, leave=False)
+        for batch_idx, batch in enumerate(bar):
+            self.on_train_batch_start(batch, batch_idx)
+            step_started = time.perf_counter()
+            self.model.accumulate(batch["image"].to(self.device, non_blocking=True))
+            extract_s += time.perf_counter() - step_started
+            self.global_step += 1
+            self.on_train_batch_end(batch, batch_idx, {}, None)
+        loop_s = time.perf_counter() - started
         timings = dict(self.model.finalize_fit())
-        total_s = time.perf_counter() - self._epoch_started
-        timings.update({"extract_s": self._extract_s, "data_s": max(0.0, loop_s - self._extract_s),
+        total_s = time.perf_counter() - started
+        timings.update({"extract_s": extract_s, "data_s": max(0.0, loop_s - extract_s),
                         "finalize_s": total_s - loop_s, "total_s": total_s})
         self.fit_timings = timings
-        logger.info("%s fit_timings %s", self.config.get("model", {}).get("name", type(self.model).__name__),
-                    json.dumps(json_safe(timings)))
+        logger.info("%s fit_timings %s", type(self.model).__name__, json.dumps(json_safe(timings)))
+        return None
+
+    def training_step(self, batch, batch_idx):
+        raise NotImplementedError("a one-pass trainer fits in train_epoch; it has no training_step")
 
     def validation_step(self, batch, batch_idx):
-        return {}
+        raise NotImplementedError("a one-pass trainer does not validate between epochs")

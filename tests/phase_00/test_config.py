@@ -71,8 +71,9 @@ def test_experiment_config_merge_order(config_dir):
           "dataset:\n  name: mvtec\n  root_dir: ${mvtec_dir}\n  category: bottle\ntraining:\n  num_epochs: 7\n"
           "  batch_size: 5\n")
     config = load_experiment_config("stfpm", "mvtec", config_dir=config_dir)
+    # the model file sets num_epochs, so it wins over the dataset file; it leaves batch_size to the others
     assert config["training"]["num_epochs"] == 100
-    assert config["training"]["batch_size"] == 32
+    assert config["training"]["batch_size"] == 5
     write(config_dir / "models" / "stfpm.yaml", "model:\n  name: stfpm\n")
     config = load_experiment_config("stfpm", "mvtec", config_dir=config_dir)
     assert config["training"]["num_epochs"] == 7 and config["training"]["batch_size"] == 5
@@ -98,17 +99,56 @@ def test_overrides_dict_and_strings(config_dir):
     assert config["model"]["backbone"] == "resnet50"
     config = load_experiment_config("stfpm", "mvtec", config_dir=config_dir, overrides=[
         "training.num_epochs=5", "model.pretrained=false", "data.center_crop=null", "model.layers=[layer1, layer2]",
-        "training.learning_rate=0.01", "dataset.category=cable", "model.weights=", "tag=a=b"])
+        "training.learning_rate=0.01", "dataset.category=cable", "model.weights=", "dataset.category=a=b"])
     assert config["training"]["num_epochs"] == 5
     assert config["model"]["pretrained"] is False
     assert config["data"]["center_crop"] is None
     assert config["model"]["layers"] == ["layer1", "layer2"]
     assert config["training"]["learning_rate"] == pytest.approx(0.01)
-    assert config["dataset"]["category"] == "cable"
     assert config["model"]["weights"] == ""
-    assert config["tag"] == "a=b"
+    assert config["dataset"]["category"] == "a=b"
     assert load_experiment_config("stfpm", "mvtec", config_dir=config_dir,
                                   overrides="seed=3")["seed"] == 3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("traning.num_epochs=3", "Unknown config key 'traning.num_epochs'.*did you mean 'training.num_epochs'"),
+    ("model.backbon=resnet50", "Unknown config key 'model.backbon'.*did you mean 'model.backbone'"),
+    ("training.num_epochs.extra=1", "Unknown config key 'training.num_epochs.extra'"),
+    ("nothing_like_it=1", "Unknown config key 'nothing_like_it'"),
+    ("training.num_epochs=abc", "'training.num_epochs' must be an integer >= 1, got 'abc'"),
+    ("training.num_epochs=2.5", "'training.num_epochs' must be an integer >= 1, got 2.5"),
+    ("training.momentum=high", "'training.momentum' expects a number.*got 'high'"),
+    ("training.learning_rate=fast", "'training.learning_rate' expects a number.*got 'fast'"),
+    ("model.pretrained=maybe", "'model.pretrained' expects true or false.*got 'maybe'"),
+    ("training.num_epochs=0", "'training.num_epochs' must be an integer >= 1, got 0"),
+    ("evaluation.threshold_quantile=1.5", "'evaluation.threshold_quantile' must be a number in \\(0, 1\\], got 1.5"),
+    ("data.val_fraction=1", "'data.val_fraction' must be a number in \\[0, 1\\), got 1"),
+    ("device=gpu", "'device' must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+    ("cpu_allocator=fast", "'cpu_allocator' must be keep or release, got 'fast'"),
+    ("training.mixed_precision=fp8", "'training.mixed_precision' must be false, true, bf16 or fp16"),
+    ("data.image_size=4", "'data.image_size' must be an integer >= 8"),
+    ("training.num_epochs=null", "'training.num_epochs' must be an integer >= 1, got None"),
+    ("model.layers=7", None),
+])
+def test_bad_overrides_name_the_key_and_what_was_expected(config_dir, override, message):
+    if message is None:
+        # model.layers is null in the YAML: any type passes here, the model's constructor checks it
+        load_experiment_config("stfpm", "mvtec", config_dir=config_dir, overrides=[override])
+        return
+    with pytest.raises(ConfigError, match=message):
+        load_experiment_config("stfpm", "mvtec", config_dir=config_dir, overrides=[override])
+
+
+def test_dict_overrides_are_checked_key_by_key(config_dir):
+    with pytest.raises(ConfigError, match="Unknown config key 'training.num_epoch'.*'training.num_epochs'"):
+        load_experiment_config("stfpm", "mvtec", config_dir=config_dir, overrides={"training": {"num_epoch": 3}})
+
+
+def test_string_keys_keep_the_text_as_typed(config_dir):
+    config = load_experiment_config("stfpm", "mvtec", config_dir=config_dir,
+                                    overrides=["dataset.category=01", "training.mixed_precision=bf16"])
+    assert config["dataset"]["category"] == "01" and config["training"]["mixed_precision"] == "bf16"
 
 
 def test_bad_override_strings():

@@ -63,7 +63,6 @@ def test_horizontal_flip_moves_image_and_mask_together():
 @pytest.mark.parametrize("normalization, mean, std", [
     ("imagenet", IMAGENET_MEAN, IMAGENET_STD),
     ("half", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    ("backbone", IMAGENET_MEAN, IMAGENET_STD),
     (((0.1, 0.2, 0.3), (0.4, 0.5, 0.6)), (0.1, 0.2, 0.3), (0.4, 0.5, 0.6)),
 ])
 def test_normalisation_constants(normalization, mean, std):

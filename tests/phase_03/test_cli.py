@@ -124,7 +124,11 @@ def test_predict_scores_a_folder_and_a_file(trained, cli_root, capsys):
     records = [json.loads(line) for line in lines[:-1]]
     assert [r["image_path"] for r in records] == [str(p) for p in images]
     assert all(isinstance(r["anomalous"], bool) and r["score"] >= 0 for r in records)
-    assert json.loads(lines[-1]) == {"images": len(images), "anomalous": sum(r["anomalous"] for r in records)}
+    assert json.loads(lines[-1]) == {"images": len(images), "scored": len(images), "skipped": 0,
+                                     "anomalous": sum(r["anomalous"] for r in records),
+                                     "predictions_csv": str(output / "predictions.csv")}
+    table = (output / "predictions.csv").read_text().splitlines()
+    assert table[0] == "image_path,score,anomalous,figure,error" and len(table) == len(images) + 1
     assert sorted(p.name for p in output.glob("*.png")) == sorted(f"{p.stem}_prediction.png" for p in images)
 
     assert main(["predict", "--checkpoint", trained.summary["checkpoint"], "--input", str(images[0])]) == 0

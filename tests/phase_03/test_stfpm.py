@@ -7,12 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import anomaly_detection
 from anomaly_detection.config import load_experiment_config
 from anomaly_detection.data import MVTecDataset, create_dataloader, get_train_transforms, split_train_val
 from anomaly_detection.data.synthetic import generate_synthetic_category
 from anomaly_detection.evaluator import Evaluator
 from anomaly_detection.models.stfpm import STFPMLoss, STFPMModel, STFPMTrainer, compute_anomaly_map
-from anomaly_detection.runner import build_loaders, load_trained_model
+from anomaly_detection.runner import build_loaders, load_model_file
 
 LAYERS = ["layer1", "layer2", "layer3"]
 
@@ -204,15 +205,17 @@ def test_end_to_end_runner_summary_and_outputs(tiny_run):
 def test_threshold_from_validation_is_saved_in_model_file(tiny_run):
     state = torch.load(tiny_run.model_path, map_location="cpu", weights_only=True)
     best = torch.load(tiny_run.dirs["checkpoints"] / "best.pt", map_location="cpu", weights_only=True)
-    assert state["model_class"] == "STFPMModel" and state["model_name"] == "stfpm"
+    assert state["model_class"] == "STFPMModel" and state["config"]["model"]["name"] == "stfpm"
+    assert state["kind"] == "model" and "optimizer" not in state and state["version"] == anomaly_detection.__version__
+    assert state["normalization"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     assert state["epoch"] == best["epoch"]
     for key, value in best["model"].items():
         assert torch.equal(state["model"][key], value), key
 
     threshold = state["threshold"]
     assert threshold["quantile"] == 0.99 and threshold["num_images"] == 3
-    model, _ = load_trained_model(tiny_run.model_path, tiny_run.config)
-    _, val_loader, _ = build_loaders(tiny_run.config, "demo")
+    model, config, _ = load_model_file(tiny_run.model_path)
+    _, val_loader, _ = build_loaders(config, "demo")
     recomputed = Evaluator(model, device="cpu", progress_bar=False).calibrate_threshold(val_loader, 0.99)
     assert recomputed["image_threshold"] == pytest.approx(threshold["image_threshold"], rel=1e-5)
     assert recomputed["pixel_threshold"] == pytest.approx(threshold["pixel_threshold"], rel=1e-5)

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from anomaly_detection.config import load_experiment_config
 from anomaly_detection.models.padim import PaDiMModel, PaDiMTrainer
 
 IMAGE_SIZE = 64
@@ -129,7 +130,8 @@ def test_trainer_checkpoint_restores_fitted_model(texture, tmp_path):
     assert trainer.configure_optimizers() is None
     trainer.fit(texture.train_loader(), None, num_epochs=1)
     state = torch.load(tmp_path / "best.pt", map_location="cpu", weights_only=True)
-    restored = PaDiMTrainer.build_model({"model": {"backbone": "resnet18"}}, pretrained=False)
+    config = load_experiment_config("padim", "mvtec", ["model.backbone=resnet18"])
+    restored = PaDiMTrainer.build_model(config, pretrained=False)
     restored.load_state_dict(state["model"])
     assert torch.equal(restored.inv_covariance, model.inv_covariance)
     assert trainer.fit_timings["num_images"] == len(texture.train)

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from anomaly_detection.config import load_experiment_config
 from anomaly_detection.models.patchcore import PatchCoreModel, PatchCoreTrainer
 from anomaly_detection.models.patchcore.patchcore import FeatureStore, gaussian_blur, pool_channels
 
@@ -120,7 +121,7 @@ def test_image_score_reweighting_matches_the_paper(fitted, texture):
         m_star = bank[nearest[star]]
         support = torch.cdist(m_star[None], bank)[0].topk(9, largest=False).indices
         to_support = torch.linalg.vector_norm(bank[support] - queries[image, star].double(), dim=1)
-        weight = 1 - math.exp(to_support[0]) / torch.exp(to_support).sum()
+        weight = 1 - math.exp(to_support[0].item()) / torch.exp(to_support).sum().item()
         assert scores[image].item() == pytest.approx(weight * patch_scores[star].item(), rel=1e-4)
     plain = build(num_neighbors=1)
     plain.load_state_dict(fitted.state_dict())
@@ -227,7 +228,8 @@ def test_trainer_fills_checkpoint_without_gradient_step(texture, tmp_path):
     state = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
     assert state["model"]["memory_bank"].shape == model.memory_bank.shape
     assert (tmp_path / "best.pt").is_file()
-    restored = PatchCoreTrainer.build_model({"model": {"backbone": "resnet18"}}, pretrained=False)
+    config = load_experiment_config("patchcore", "mvtec", ["model.backbone=resnet18"])
+    restored = PatchCoreTrainer.build_model(config, pretrained=False)
     restored.load_state_dict(state["model"])
     assert torch.equal(restored.memory_bank, model.memory_bank)
 

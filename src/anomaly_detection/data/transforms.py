@@ -10,19 +10,23 @@ HALF_STD = (0.5, 0.5, 0.5)
 NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": (HALF_MEAN, HALF_STD)}
 
 
-def resolve_normalization(normalization="imagenet", backbone=None):
-    if normalization is None or normalization == "backbone":
-        if backbone is None:
-            return NORMALIZATIONS["imagenet"]
-        from anomaly_detection.models.backbones import get_backbone_normalization
-        return get_backbone_normalization(backbone)
+def resolve_normalization(normalization="imagenet"):
+    # data.normalization: backbone is resolved to the model's own (mean, std) by the runner before the
+    # transforms are built, so the data package never needs to know about models
     if isinstance(normalization, str):
         if normalization not in NORMALIZATIONS:
-            raise ValueError(f"Unknown normalization '{normalization}': expected backbone, "
+            raise ValueError(f"Unknown normalization '{normalization}': expected one of "
                              f"{', '.join(NORMALIZATIONS)} or a (mean, std) pair")
         return NORMALIZATIONS[normalization]
-    mean, std = normalization
-    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    try:
+        mean, std = normalization
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    except (TypeError, ValueError):
+        raise ValueError(f"normalization must be one of {', '.join(NORMALIZATIONS)} or a (mean, std) pair of "
+                         f"3 values each, got {normalization!r}") from None
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"normalization (mean, std) needs 3 values each and std > 0, got {normalization!r}")
+    return mean, std
 
 
 def _size_pair(size, name):
@@ -69,13 +73,13 @@ class PairedTransform:
                 f"mean={self.mean}, std={self.std}, hflip={self.hflip})")
 
 
-def get_train_transforms(image_size=256, center_crop=None, normalization="imagenet", backbone=None, hflip=0.0):
-    mean, std = resolve_normalization(normalization, backbone)
+def get_train_transforms(image_size=256, center_crop=None, normalization="imagenet", hflip=0.0):
+    mean, std = resolve_normalization(normalization)
     return PairedTransform(image_size, center_crop, mean, std, hflip=hflip)
 
 
-def get_test_transforms(image_size=256, center_crop=None, normalization="imagenet", backbone=None):
-    mean, std = resolve_normalization(normalization, backbone)
+def get_test_transforms(image_size=256, center_crop=None, normalization="imagenet"):
+    mean, std = resolve_normalization(normalization)
     return PairedTransform(image_size, center_crop, mean, std)
 
 

@@ -3,7 +3,8 @@ from anomaly_detection.models.padim import PaDiMTrainer
 from anomaly_detection.models.patchcore import PatchCoreTrainer
 from anomaly_detection.models.stfpm import STFPMTrainer
 
-# name -> trainer class; each trainer class knows how to build its model from a config
+# name -> trainer class. A trainer class builds its model from a config (build_model) and itself
+# (from_config): everything the runner needs, declared by BaseTrainer. Adding a model is one line here.
 MODELS = {
     "stfpm": STFPMTrainer,
     "patchcore": PatchCoreTrainer,

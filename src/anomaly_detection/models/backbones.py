@@ -6,18 +6,14 @@ import torch
 import torchvision
 from torch import nn
 
+from anomaly_detection.data.transforms import HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD
 from anomaly_detection.models.checkpointing import checkpoint_segments, run_checkpointed, run_sequence
 from anomaly_detection.utils import PROJECT_ROOT
 
 BACKBONE_ROOT_ENV = "ANOMALY_DETECTION_BACKBONE_ROOT"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-HALF = (0.5, 0.5, 0.5)
 HEAD_PREFIXES = ("fc.", "classifier.")
-METHODS = ("stfpm", "patchcore", "padim")
 
 _RESNET_STEPS = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-_RESNET_LAYERS = {"stfpm": ["layer1", "layer2", "layer3"], "patchcore": ["layer2", "layer3"], "padim": ["layer1", "layer2", "layer3"]}
 
 
 def _resnet_spec(channels):
@@ -28,7 +24,6 @@ def _resnet_spec(channels):
         "strides": {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32},
         "mean": IMAGENET_MEAN,
         "std": IMAGENET_STD,
-        "default_layers": _RESNET_LAYERS,
         "steps": _RESNET_STEPS,
     }
 
@@ -45,13 +40,8 @@ BACKBONES = {
         "stages": ["features.3", "features.6", "features.13", "features.17"],
         "channels": {"features.3": 24, "features.6": 32, "features.13": 96, "features.17": 320},
         "strides": {"features.3": 4, "features.6": 8, "features.13": 16, "features.17": 32},
-        "mean": HALF,
-        "std": HALF,
-        "default_layers": {
-            "stfpm": ["features.3", "features.6", "features.13"],
-            "patchcore": ["features.6", "features.13"],
-            "padim": ["features.3", "features.6", "features.13"],
-        },
+        "mean": HALF_MEAN,
+        "std": HALF_STD,
         "steps": ["features.%d" % index for index in range(19)],
     },
     "tf_efficientnet_lite0": {
@@ -59,13 +49,8 @@ BACKBONES = {
         "stages": _LITE0_BLOCKS,
         "channels": dict(zip(_LITE0_BLOCKS, [16, 24, 40, 80, 112, 192, 320])),
         "strides": dict(zip(_LITE0_BLOCKS, [2, 4, 8, 16, 16, 32, 32])),
-        "mean": HALF,
-        "std": HALF,
-        "default_layers": {
-            "stfpm": ["blocks.1", "blocks.2", "blocks.4"],
-            "patchcore": ["blocks.2", "blocks.4"],
-            "padim": ["blocks.1", "blocks.2", "blocks.4"],
-        },
+        "mean": HALF_MEAN,
+        "std": HALF_STD,
         "steps": ["conv_stem", "bn1"] + _LITE0_BLOCKS,
     },
 }
@@ -82,11 +67,15 @@ def get_backbone_normalization(name):
     return tuple(spec["mean"]), tuple(spec["std"])
 
 
-def default_layers(backbone, method):
-    spec = _spec(backbone)
-    if method not in spec["default_layers"]:
-        raise ValueError(f"No default layers for method '{method}'; known methods: {', '.join(spec['default_layers'])}")
-    return list(spec["default_layers"][method])
+def layers_or_default(backbone, layers, default_layers, owner):
+    # each model keeps its own default layers per backbone (default_layers: backbone -> layer list)
+    if layers is not None:
+        return resolve_layers(backbone, layers)
+    _spec(backbone)
+    if backbone not in default_layers:
+        raise ValueError(f"{owner} has no default layers for backbone '{backbone}': set model.layers "
+                         f"(valid layers: {', '.join(_spec(backbone)['stages'])})")
+    return resolve_layers(backbone, default_layers[backbone])
 
 
 def resolve_layers(backbone, layers):
@@ -112,9 +101,9 @@ def resolve_layers(backbone, layers):
     return resolved
 
 
-def feature_info(backbone, layers=None, method="stfpm"):
+def feature_info(backbone, layers):
     spec = _spec(backbone)
-    layers = default_layers(backbone, method) if layers is None else resolve_layers(backbone, layers)
+    layers = resolve_layers(backbone, layers)
     return {layer: (spec["channels"][layer], spec["strides"][layer]) for layer in layers}
 
 
@@ -275,12 +264,12 @@ def _truncate(model, keep):
 
 
 class FeatureExtractor(nn.Module):
-    def __init__(self, backbone, layers=None, pretrained=True, weights=None, backbone_root=None, method="stfpm", frozen=True,
+    def __init__(self, backbone, layers, pretrained=True, weights=None, backbone_root=None, frozen=True,
                  activation_checkpointing=False):
         super().__init__()
         spec = _spec(backbone)
         self.backbone_name = backbone
-        self.layers = default_layers(backbone, method) if layers is None else resolve_layers(backbone, layers)
+        self.layers = resolve_layers(backbone, layers)
         self.channels = {layer: spec["channels"][layer] for layer in self.layers}
         self.strides = {layer: spec["strides"][layer] for layer in self.layers}
         self.mean, self.std = get_backbone_normalization(backbone)

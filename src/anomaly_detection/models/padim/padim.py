@@ -6,8 +6,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomaly_detection.models.backbones import FeatureExtractor
+from anomaly_detection.config import FROM_YAML, fill_from_yaml
+from anomaly_detection.models.backbones import FeatureExtractor, layers_or_default
+from anomaly_detection.models.components import FittedBuffersMixin, gaussian_blur, upsample_map
 
+# model.layers: null takes these (the paper's: the first three stages)
+DEFAULT_LAYERS = {
+    "resnet18": ["layer1", "layer2", "layer3"],
+    "resnet50": ["layer1", "layer2", "layer3"],
+    "wide_resnet50_2": ["layer1", "layer2", "layer3"],
+    "mobilenet_v2": ["features.3", "features.6", "features.13"],
+    "tf_efficientnet_lite0": ["blocks.1", "blocks.2", "blocks.4"],
+}
 # the paper's random channel subsets; other backbones keep this many unless told otherwise
 PAPER_N_FEATURES = {"resnet18": 100, "resnet50": 550, "wide_resnet50_2": 550}
 DEFAULT_N_FEATURES = 100
@@ -15,12 +25,21 @@ DEFAULT_N_FEATURES = 100
 INVERSION_CHUNK = 256
 
 
-class PaDiMModel(nn.Module):
-    def __init__(self, backbone="resnet18", layers=None, pretrained=True, weights=None, backbone_root=None,
-                 n_features=None, epsilon=0.01, seed=0, blur_sigma=4.0):
+class PaDiMModel(FittedBuffersMixin, nn.Module):
+    default_layers = DEFAULT_LAYERS
+    # the number of positions is only known after fitting
+    fitted_buffers = ("gaussian_mean", "inv_covariance")
+
+    def __init__(self, backbone=FROM_YAML, layers=FROM_YAML, pretrained=FROM_YAML, weights=FROM_YAML,
+                 backbone_root=None, n_features=FROM_YAML, epsilon=FROM_YAML, seed=0, blur_sigma=FROM_YAML):
         super().__init__()
-        self.feature_extractor = FeatureExtractor(backbone, layers, pretrained=pretrained, weights=weights,
-                                                  backbone_root=backbone_root, method="padim", frozen=True)
+        args = fill_from_yaml("padim", "model", {
+            "backbone": backbone, "layers": layers, "pretrained": pretrained, "weights": weights,
+            "n_features": n_features, "epsilon": epsilon, "blur_sigma": blur_sigma})
+        backbone, n_features, epsilon = args["backbone"], args["n_features"], args["epsilon"]
+        self.feature_extractor = FeatureExtractor(
+            backbone, layers_or_default(backbone, args["layers"], DEFAULT_LAYERS, "PaDiM"),
+            pretrained=args["pretrained"], weights=args["weights"], backbone_root=backbone_root, frozen=True)
         self.backbone_name = backbone
         self.layers = list(self.feature_extractor.layers)
         self.mean, self.std = self.feature_extractor.mean, self.feature_extractor.std
@@ -34,7 +53,7 @@ class PaDiMModel(nn.Module):
             raise ValueError(f"model.epsilon must be > 0, got {epsilon}")
         self.n_features = int(n_features)
         self.epsilon = float(epsilon)
-        self.blur_sigma = float(blur_sigma)
+        self.blur_sigma = float(args["blur_sigma"])
         generator = torch.Generator().manual_seed(int(seed))
         # sorted, so that selecting per layer before upsampling keeps the order of the concatenated map
         chosen = torch.randperm(total, generator=generator)[:self.n_features].sort().values
@@ -103,17 +122,6 @@ class PaDiMModel(nn.Module):
         self._sum, self._outer_sum = None, None
         return {"num_images": count, "positions": positions, "n_features": channels}
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        # the number of positions is only known after fitting: take the checkpoint's shapes first
-        for name in ("gaussian_mean", "inv_covariance"):
-            value = state_dict.get(prefix + name)
-            current = getattr(self, name)
-            if isinstance(value, torch.Tensor) and value.dim() == current.dim():
-                setattr(self, name, torch.empty_like(value, dtype=current.dtype, device=current.device))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-
     # ---- scoring -----------------------------------------------------------------------------------
     def forward(self, images):
         embedding = self.embed(images)
@@ -129,8 +137,7 @@ class PaDiMModel(nn.Module):
         delta = (embedding.reshape(batch, channels, -1) - self.gaussian_mean).permute(2, 0, 1).contiguous()
         squared = (torch.bmm(delta, self.inv_covariance) * delta).sum(2)
         distance = squared.clamp_min(0).sqrt().t().reshape(batch, 1, height, width)
-        anomaly_map = F.interpolate(distance, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        anomaly_map = gaussian_blur(anomaly_map, self.blur_sigma)
+        anomaly_map = gaussian_blur(upsample_map(distance, images.shape[-2:]), self.blur_sigma)
         return {"anomaly_map": anomaly_map, "pred_score": anomaly_map.flatten(1).amax(1)}
 
 
@@ -145,19 +152,3 @@ def single_cpu_thread(device):
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def gaussian_blur(maps, sigma):
-    # separable, 4-sigma radius, reflect padding (scipy's gaussian_filter default); torchvision's
-    # gaussian_blur convolves with the full 2-D kernel, 16x the work for sigma 4
-    if sigma <= 0:
-        return maps
-    radius = min(int(4.0 * sigma + 0.5), maps.shape[-2] - 1, maps.shape[-1] - 1)
-    if radius < 1:
-        return maps
-    offsets = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    padded = F.pad(maps, (radius, radius, radius, radius), mode="reflect")
-    blurred = F.conv2d(padded, kernel.view(1, 1, 1, -1))
-    return F.conv2d(blurred, kernel.view(1, 1, -1, 1))

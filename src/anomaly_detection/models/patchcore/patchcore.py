@@ -7,18 +7,43 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomaly_detection.models.backbones import FeatureExtractor
+from anomaly_detection.config import FROM_YAML, fill_from_yaml
+from anomaly_detection.models.backbones import FeatureExtractor, layers_or_default
+from anomaly_detection.models.components import FittedBuffersMixin, gaussian_blur, upsample_map
 from anomaly_detection.models.patchcore.coreset import greedy_coreset_indices, rows_per_chunk
+
+# model.layers: null takes these: the two middle stages, as in the paper (wide_resnet50_2 layer2, layer3)
+DEFAULT_LAYERS = {
+    "resnet18": ["layer2", "layer3"],
+    "resnet50": ["layer2", "layer3"],
+    "wide_resnet50_2": ["layer2", "layer3"],
+    "mobilenet_v2": ["features.6", "features.13"],
+    "tf_efficientnet_lite0": ["blocks.2", "blocks.4"],
+}
 
 FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SEARCH_BACKENDS = ("auto", "torch", "faiss")
 
 
-class PatchCoreModel(nn.Module):
-    def __init__(self, backbone="wide_resnet50_2", layers=None, pretrained=True, weights=None, backbone_root=None,
-                 pretrain_dim=1024, target_dim=1024, coreset_ratio=0.1, num_neighbors=9, projection_dim=128,
-                 memory_budget_mb=256, feature_dtype="float32", search_backend="torch", seed=0, blur_sigma=4.0):
+class PatchCoreModel(FittedBuffersMixin, nn.Module):
+    default_layers = DEFAULT_LAYERS
+    # the bank's size is only known after fitting
+    fitted_buffers = ("memory_bank",)
+
+    def __init__(self, backbone=FROM_YAML, layers=FROM_YAML, pretrained=FROM_YAML, weights=FROM_YAML,
+                 backbone_root=None, pretrain_dim=FROM_YAML, target_dim=FROM_YAML, coreset_ratio=FROM_YAML,
+                 num_neighbors=FROM_YAML, projection_dim=FROM_YAML, memory_budget_mb=FROM_YAML,
+                 feature_dtype=FROM_YAML, search_backend=FROM_YAML, seed=0, blur_sigma=FROM_YAML):
         super().__init__()
+        args = fill_from_yaml("patchcore", "model", {
+            "backbone": backbone, "layers": layers, "pretrained": pretrained, "weights": weights,
+            "pretrain_dim": pretrain_dim, "target_dim": target_dim, "coreset_ratio": coreset_ratio,
+            "num_neighbors": num_neighbors, "projection_dim": projection_dim, "memory_budget_mb": memory_budget_mb,
+            "feature_dtype": feature_dtype, "search_backend": search_backend, "blur_sigma": blur_sigma})
+        backbone, pretrain_dim, target_dim = args["backbone"], args["pretrain_dim"], args["target_dim"]
+        coreset_ratio, num_neighbors, projection_dim = args["coreset_ratio"], args["num_neighbors"], args["projection_dim"]
+        memory_budget_mb, feature_dtype = args["memory_budget_mb"], args["feature_dtype"]
+        search_backend = args["search_backend"]
         if not 0.0 < float(coreset_ratio) <= 1.0:
             raise ValueError(f"model.coreset_ratio must be in (0, 1], got {coreset_ratio}")
         if int(num_neighbors) < 1:
@@ -33,8 +58,9 @@ class PatchCoreModel(nn.Module):
             raise ValueError(f"model.feature_dtype must be one of {', '.join(FEATURE_DTYPES)}, got {feature_dtype}")
         if search_backend not in SEARCH_BACKENDS:
             raise ValueError(f"model.search_backend must be one of {', '.join(SEARCH_BACKENDS)}, got {search_backend}")
-        self.feature_extractor = FeatureExtractor(backbone, layers, pretrained=pretrained, weights=weights,
-                                                  backbone_root=backbone_root, method="patchcore", frozen=True)
+        self.feature_extractor = FeatureExtractor(
+            backbone, layers_or_default(backbone, args["layers"], DEFAULT_LAYERS, "PatchCore"),
+            pretrained=args["pretrained"], weights=args["weights"], backbone_root=backbone_root, frozen=True)
         self.backbone_name = backbone
         self.layers = list(self.feature_extractor.layers)
         self.mean, self.std = self.feature_extractor.mean, self.feature_extractor.std
@@ -47,7 +73,7 @@ class PatchCoreModel(nn.Module):
         self.feature_dtype = FEATURE_DTYPES[feature_dtype]
         self.search_backend = resolve_search_backend(search_backend)
         self.seed = int(seed)
-        self.blur_sigma = float(blur_sigma)
+        self.blur_sigma = float(args["blur_sigma"])
         self.embedding_dim = self._embedding_dim()
         self.register_buffer("memory_bank", torch.empty(0, self.embedding_dim))
         self.store = None
@@ -68,7 +94,7 @@ class PatchCoreModel(nn.Module):
             maps = [self.local_features(features[layer].float()) for layer in self.layers]
             size = maps[0].shape[-2:]
             # deeper maps are upsampled to the first (finest) layer's patch grid, as the official code does
-            maps = [maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]]
+            maps = [maps[0]] + [upsample_map(m, size) for m in maps[1:]]
             return pool_channels(torch.cat(maps, dim=1), self.target_dim)
 
     def local_features(self, feature):
@@ -135,15 +161,8 @@ class PatchCoreModel(nn.Module):
         self.store = None
         return self.fit_timings
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        # the bank's size is only known after fitting: take the checkpoint's shape before copying into it
-        bank = state_dict.get(prefix + "memory_bank")
-        if isinstance(bank, torch.Tensor) and bank.dim() == 2 and bank.shape[1] == self.embedding_dim:
-            self.memory_bank = torch.empty_like(bank, dtype=self.memory_bank.dtype, device=self.memory_bank.device)
-            self._faiss_index = None
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+    def on_fitted_buffers_loaded(self):
+        self._faiss_index = None
 
     # ---- scoring -----------------------------------------------------------------------------------
     def forward(self, images):
@@ -157,8 +176,7 @@ class PatchCoreModel(nn.Module):
         distances, locations = self.search(queries, 1)
         patch_scores = distances[:, 0].view(batch, height * width)
         pred_score = self.image_scores(patch_scores, locations[:, 0].view(batch, -1), queries.view(batch, -1, dim))
-        anomaly_map = F.interpolate(patch_scores.view(batch, 1, height, width), size=images.shape[-2:],
-                                    mode="bilinear", align_corners=False)
+        anomaly_map = upsample_map(patch_scores.view(batch, 1, height, width), images.shape[-2:])
         return {"anomaly_map": gaussian_blur(anomaly_map, self.blur_sigma), "pred_score": pred_score}
 
     def image_scores(self, patch_scores, locations, queries):
@@ -258,22 +276,6 @@ def nearest_neighbours(queries, bank, k, memory_budget_mb):
         distances[start:start + chunk] = values.clamp_min_(0).sqrt_()
         indices[start:start + chunk] = found
     return distances, indices
-
-
-def gaussian_blur(maps, sigma):
-    # separable, 4-sigma radius, reflect padding (scipy's gaussian_filter default); torchvision's
-    # gaussian_blur convolves with the full 2-D kernel, 16x the work for sigma 4
-    if sigma <= 0:
-        return maps
-    radius = min(int(4.0 * sigma + 0.5), maps.shape[-2] - 1, maps.shape[-1] - 1)
-    if radius < 1:
-        return maps
-    offsets = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    padded = F.pad(maps, (radius, radius, radius, radius), mode="reflect")
-    blurred = F.conv2d(padded, kernel.view(1, 1, 1, -1))
-    return F.conv2d(blurred, kernel.view(1, 1, -1, 1))
 
 
 def resolve_search_backend(name):

@@ -4,19 +4,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomaly_detection.models.backbones import FeatureExtractor
+from anomaly_detection.config import FROM_YAML, fill_from_yaml
+from anomaly_detection.models.backbones import FeatureExtractor, layers_or_default
+from anomaly_detection.models.components import upsample_map
+
+# model.layers: null takes these: three stages of increasing depth, as in the paper (resnet18 layer1-3)
+DEFAULT_LAYERS = {
+    "resnet18": ["layer1", "layer2", "layer3"],
+    "resnet50": ["layer1", "layer2", "layer3"],
+    "wide_resnet50_2": ["layer1", "layer2", "layer3"],
+    "mobilenet_v2": ["features.3", "features.6", "features.13"],
+    "tf_efficientnet_lite0": ["blocks.1", "blocks.2", "blocks.4"],
+}
 
 
 class STFPMModel(nn.Module):
-    def __init__(self, backbone="resnet18", layers=None, pretrained=True, weights=None, backbone_root=None,
-                 activation_checkpointing=False):
+    default_layers = DEFAULT_LAYERS
+
+    def __init__(self, backbone=FROM_YAML, layers=FROM_YAML, pretrained=FROM_YAML, weights=FROM_YAML,
+                 backbone_root=None, activation_checkpointing=False):
         super().__init__()
+        args = fill_from_yaml("stfpm", "model", {"backbone": backbone, "layers": layers, "pretrained": pretrained,
+                                                 "weights": weights})
+        backbone = args["backbone"]
         self.backbone_name = backbone
-        self.teacher = FeatureExtractor(backbone, layers, pretrained=pretrained, weights=weights,
-                                        backbone_root=backbone_root, method="stfpm", frozen=True)
-        self.layers = list(self.teacher.layers)
+        self.layers = layers_or_default(backbone, args["layers"], DEFAULT_LAYERS, "STFPM")
+        self.teacher = FeatureExtractor(backbone, self.layers, pretrained=args["pretrained"], weights=args["weights"],
+                                        backbone_root=backbone_root, frozen=True)
         # the student has the teacher's architecture and starts from random weights, as in the paper
-        self.student = FeatureExtractor(backbone, self.layers, pretrained=False, method="stfpm", frozen=False,
+        self.student = FeatureExtractor(backbone, self.layers, pretrained=False, frozen=False,
                                         activation_checkpointing=activation_checkpointing)
         self.mean, self.std = self.teacher.mean, self.teacher.std
 
@@ -38,7 +54,7 @@ def compute_anomaly_map(teacher_features, student_features, image_size):
     for layer, teacher in teacher_features.items():
         student = student_features[layer]
         distance = 0.5 * (F.normalize(teacher.float(), dim=1) - F.normalize(student.float(), dim=1)).pow(2).sum(1, keepdim=True)
-        distance = F.interpolate(distance, size=tuple(image_size), mode="bilinear", align_corners=False)
+        distance = upsample_map(distance, image_size)
         anomaly_map = distance if anomaly_map is None else anomaly_map * distance
     return anomaly_map
 
