@@ -1,9 +1,12 @@
 # src/anomaly_detection/utils.py
+import hashlib
 import json
 import logging
 import os
 import random
+import re
 import resource
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -53,11 +56,75 @@ def resolve_device(device="auto"):
     return torch.device(device)
 
 
+# Output files are private to their owner: 0600 is set explicitly because mkstemp's 0600 is further
+# narrowed by the umask, and a plain open() would widen it to 0666 & ~umask.
+OUTPUT_FILE_MODE = 0o600
+# .<target name>.<pid>-<host tag>.<random>.tmp, as _atomic_write names its temporary files
+_TEMP_NAME = re.compile(r"^\.(.+)\.(\d+)-([0-9a-f]{8})\.[^./]+\.tmp$")
+_swept_folders = set()
+_host_tag_value = None
+
+
+def _host_tag():
+    # The temporary file's name carries who writes it: the host (and, on Linux, the PID namespace, so
+    # containers sharing a folder do not judge each other's process ids) and the process id.
+    global _host_tag_value
+    if _host_tag_value is None:
+        try:
+            namespace = os.readlink("/proc/self/ns/pid")
+        except OSError:
+            namespace = ""
+        text = f"{socket.gethostname()}|{namespace}".encode()
+        _host_tag_value = hashlib.blake2s(text, digest_size=4).hexdigest()
+    return _host_tag_value
+
+
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder):
+    # A temporary file is removed only when its name says it was made on this host, in this PID
+    # namespace, by a process id that does not exist now. A live writer's process exists, so its file is
+    # never removed; a reused process id only keeps a stale file. Age is not used: it cannot tell a slow
+    # live writer (a large checkpoint on a network disk) from a killed one.
+    host = _host_tag()
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if match is None or match.group(3) != host or _process_exists(int(match.group(2))):
+            continue
+        try:
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def _atomic_write(path, write_fn, mode):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    folder = str(path.parent.resolve())
+    # one sweep per folder and process: scanning the folder on every write would make writing n files
+    # into one folder cost n^2
+    if folder not in _swept_folders:
+        _swept_folders.add(folder)
+        remove_stale_temp_files(folder)
+    tag = f"{os.getpid()}-{_host_tag()}"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{tag}.", suffix=".tmp")
     try:
+        os.fchmod(fd, OUTPUT_FILE_MODE)
         with os.fdopen(fd, mode) as handle:
             write_fn(handle)
             handle.flush()
@@ -68,6 +135,10 @@ def _atomic_write(path, write_fn, mode):
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_write_bytes(path, data):
+    return _atomic_write(path, lambda handle: handle.write(data), "wb")
 
 
 def atomic_write_text(path, text):

@@ -230,11 +230,17 @@ def test_mask_size_mismatch_names_both_files(tmp_path, tree_builders):
     tree = tree_builders.mvtec(tmp_path / "mismatch")
     tree_builders.write_mask(tree.folder / "ground_truth" / "scratch" / "000_mask.png", hw=(20, 24),
                              box=(2, 6, 2, 6))
-    dataset = MVTecDataset(tree.root, tree.category, "test")
+    image_path = tree.folder / "test" / "scratch" / "000.png"
+    # found by the header check when the dataset is built, before any training
+    with pytest.raises(DatasetError, match="000_mask.png") as info:
+        MVTecDataset(tree.root, tree.category, "test")
+    assert str(image_path) in str(info.value) and "24x20" in str(info.value) and "48x40" in str(info.value)
+    # and still when an item is read with the check skipped
+    dataset = MVTecDataset(tree.root, tree.category, "test", check_files=False)
     index = next(i for i, s in enumerate(dataset.samples) if s["defect_type"] == "scratch")
     with pytest.raises(DatasetError, match="000_mask.png") as info:
         dataset[index]
-    assert str(dataset.samples[index]["image_path"]) in str(info.value)
+    assert str(image_path) in str(info.value)
 
 
 def test_missing_root_names_the_path(tmp_path):
@@ -286,7 +292,11 @@ def test_bad_image_file_is_named(mvtec_tree, kind):
         "truncated": lambda data: data[: len(data) // 2],
     }[kind]
     path = _break_first_train_image(mvtec_tree, content)
-    dataset = MVTecDataset(mvtec_tree.root, mvtec_tree.category, "train")
+    # found when the dataset is built (a truncated PNG fails its chunk check)...
+    with pytest.raises(ImageReadError, match=str(path)):
+        MVTecDataset(mvtec_tree.root, mvtec_tree.category, "train")
+    # ...and, with the check skipped, when the item is read
+    dataset = MVTecDataset(mvtec_tree.root, mvtec_tree.category, "train", check_files=False)
     with pytest.raises(ImageReadError, match=str(path)):
         dataset[0]
     # the other images still load

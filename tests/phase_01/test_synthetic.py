@@ -61,8 +61,8 @@ def test_layout_counts_and_masks(tmp_path, kind):
 
 
 def test_rectangular_size(tmp_path):
-    cat_dir = generate_synthetic_category(tmp_path, kind="object", image_size=(40, 56), num_train=1,
-                                          num_test_good=0, num_test_defect=1)
+    cat_dir = generate_synthetic_category(tmp_path, kind="object", image_size=(40, 56), num_train=2,
+                                          num_test_good=1, num_test_defect=1)
     assert _load(cat_dir / "train" / "good" / "000.png").shape == (40, 56, 3)
     for defect in DEFECT_TYPES["object"]:
         assert _load(cat_dir / "test" / defect / "000.png").shape == (40, 56, 3)
@@ -84,7 +84,7 @@ def test_determinism(tmp_path):
 def test_normal_images_vary_but_stay_in_distribution(tmp_path):
     for kind in SYNTHETIC_KINDS:
         cat_dir = generate_synthetic_category(tmp_path, category=kind, kind=kind, image_size=48,
-                                              num_train=6, num_test_good=0, num_test_defect=0)
+                                              num_train=6, num_test_good=1, num_test_defect=1)
         images = np.stack([_load(p).astype(np.float64) for p in sorted((cat_dir / "train" / "good").glob("*.png"))])
         for i in range(len(images)):
             for j in range(i + 1, len(images)):
@@ -112,7 +112,7 @@ def test_defect_changes_exactly_the_masked_pixels(kind):
 def test_saved_defects_stand_out_from_good_images(tmp_path):
     for kind in SYNTHETIC_KINDS:
         cat_dir = generate_synthetic_category(tmp_path, category=kind, kind=kind, image_size=48,
-                                              num_train=10, num_test_good=0, num_test_defect=3)
+                                              num_train=10, num_test_good=1, num_test_defect=3)
         mean_good = np.mean([_load(p).astype(np.float64) for p in (cat_dir / "train" / "good").glob("*.png")], axis=0)
         for defect in DEFECT_TYPES[kind]:
             inside, outside = [], []

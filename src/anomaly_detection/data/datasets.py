@@ -1,18 +1,28 @@
 # src/anomaly_detection/data/datasets.py
 import csv
 import logging
+import os
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 logger = logging.getLogger("anomaly_detection")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WebP")
 SPLITS = ("train", "test")
+LOSSY_FORMATS = ("JPEG", "MPO")
+PIXEL_LIMIT_VARIABLE = "ANOMALY_DETECTION_MAX_IMAGE_PIXELS"
+# a mask marking this much of its image is more likely inverted than a real defect
+MOST_OF_THE_IMAGE = 0.9
+_EXIF_KEYS = ("exif", "Raw profile type exif", "XML:com.adobe.xmp")
+# EXIF orientations 5-8 turn the image by a quarter, swapping width and height
+_SWAPS_AXES = (5, 6, 7, 8)
 
 MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
@@ -33,11 +43,34 @@ class ImageReadError(OSError):
     pass
 
 
+def _not_a_file(path):
+    if path.is_symlink() and not path.exists():
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        return (f"{path} is a broken symbolic link (to {target}: the target is missing or the links form a "
+                "loop): expected an image file; fix or remove the link")
+    if path.is_dir():
+        return f"{path} is a directory named like an image: expected an image file; rename or move the folder"
+    if not path.exists():
+        return f"Image file not found: {path}"
+    return f"{path} is not a regular file: expected an image file"
+
+
 def list_images(folder):
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    images = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        # a broken link or a folder named like an image would otherwise drop out of the split unnoticed
+        if not path.is_file():
+            raise ImageReadError(_not_a_file(path))
+        images.append(path)
+    return images
 
 
 def list_subdirs(folder):
@@ -45,21 +78,108 @@ def list_subdirs(folder):
     return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
 
 
-def _open_image(path):
+def _apply_pixel_limit_from_environment():
+    text = os.environ.get(PIXEL_LIMIT_VARIABLE, "").strip().lower()
+    if not text:
+        return
+    if text in ("0", "none"):
+        Image.MAX_IMAGE_PIXELS = None
+        return
+    if not text.isdigit():
+        raise DatasetError(f"{PIXEL_LIMIT_VARIABLE}={text!r}: expected a number of pixels, or 0/none for no limit")
+    Image.MAX_IMAGE_PIXELS = int(text)
+
+
+_apply_pixel_limit_from_environment()
+
+
+def _unchecked_size(path):
+    # Image.open refuses to return an image this far over the limit; the format plugin reads the header
+    # without that check, which gives the size for the message
+    try:
+        factory = Image.OPEN[Image.registered_extensions()[path.suffix.lower()]][0]
+        with factory(str(path)) as image:
+            return image.size
+    except Exception:
+        return None
+
+
+def _too_large(path, size):
+    limit = Image.MAX_IMAGE_PIXELS
+    if size is None:
+        found = f"more than {2 * limit} pixels"
+    else:
+        found = f"{size[0]}x{size[1]} = {size[0] * size[1]} pixels"
+    return (f"Image {path} is {found}, over the limit of {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS, a guard "
+            f"against decompression bombs): expected at most {limit} pixels. If the image is intended, raise "
+            f"the limit: set {PIXEL_LIMIT_VARIABLE}=<pixels> (0 for none) in the environment, or "
+            "PIL.Image.MAX_IMAGE_PIXELS in Python")
+
+
+def _open_header(path):
     path = Path(path)
     if not path.is_file():
-        raise ImageReadError(f"Image file not found: {path}")
+        raise ImageReadError(_not_a_file(path))
     if path.stat().st_size == 0:
-        raise ImageReadError(f"Cannot read image {path}: the file is empty (0 bytes)")
+        raise ImageReadError(f"Cannot read image {path}: the file is empty (0 bytes): expected image data")
     try:
-        image = Image.open(path)
-        image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ImageReadError(f"Cannot read image {path}: {error}") from None
+        with warnings.catch_warnings():
+            # an over-limit image is refused below with its name; PIL's warning would not name it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError:
+        raise ImageReadError(_too_large(path, _unchecked_size(path))) from None
+    except UnidentifiedImageError:
+        raise ImageReadError(f"Cannot read image {path}: not an image in a format PIL reads: expected "
+                             f"{', '.join(IMAGE_FORMATS)}") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageReadError(f"Cannot read image {path}: {error}: expected a readable image file") from None
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and image.width * image.height > limit:
+        image.close()
+        raise ImageReadError(_too_large(path, image.size))
     return image
 
 
-def _to_array(image):
+def _orientation(image, path, exact=False):
+    # PngImageFile.getexif() decodes the whole image to look for metadata stored after the pixels; the
+    # header check reads only metadata stored before them unless asked to be exact
+    if image.format == "PNG" and not exact and not any(key in image.info for key in _EXIF_KEYS):
+        return 1
+    try:
+        return int(image.getexif().get(ExifTags.Base.Orientation, 1))
+    except Exception as error:
+        # Pillow's EXIF parser raises many types on malformed data
+        raise ImageReadError(f"Cannot read the EXIF data of {path}: {error}: expected valid EXIF or none") from None
+
+
+def _oriented_size(image, path, exact=False):
+    width, height = image.size
+    return (height, width) if _orientation(image, path, exact) in _SWAPS_AXES else (width, height)
+
+
+def _open_image(path):
+    image = _open_header(path)
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageReadError(f"Cannot read image {path}: {error}: expected a complete image file") from None
+    try:
+        ImageOps.exif_transpose(image, in_place=True)
+    except Exception as error:
+        raise ImageReadError(f"Cannot read the EXIF data of {path}: {error}: expected valid EXIF or none") from None
+    return image
+
+
+def _check_finite(array, path):
+    bad = ~np.isfinite(array)
+    if bad.any():
+        row, column = np.argwhere(bad)[0]
+        raise ImageReadError(f"Image {path} has {int(bad.sum())} NaN or infinite pixel(s), the first at row {row}, "
+                             f"column {column}: expected finite values")
+
+
+def _to_array(image, path=None):
     # 8-bit images stay uint8 until after the resize (cheaper); 16-bit and float images keep their range
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return np.asarray(image, dtype=np.float32) / 65535.0
@@ -68,6 +188,8 @@ def _to_array(image):
         return array / (65535.0 if array.max() > 255 else 255.0)
     if image.mode == "F":
         array = np.asarray(image, dtype=np.float32)
+        # a NaN would make the min-max scaling below return an all-zero image
+        _check_finite(array, path)
         low, high = float(array.min()), float(array.max())
         return (array - low) / (high - low) if high > low else np.zeros_like(array)
     if image.mode in ("1", "L", "LA"):
@@ -76,7 +198,7 @@ def _to_array(image):
 
 
 def load_image_raw(path):
-    array = _to_array(_open_image(path))
+    array = _to_array(_open_image(path), path)
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
@@ -90,27 +212,150 @@ def load_image(path):
     return to_float_image(load_image_raw(path))
 
 
-def load_mask(path):
+def _mask_values(image, path):
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "L"):
+        return np.asarray(image)
+    if image.mode == "F":
+        array = np.asarray(image, dtype=np.float32)
+        _check_finite(array, path)
+        return array
+    if image.mode in ("LA", "La"):
+        return np.asarray(image.getchannel(0))
+    if image.mode == "1":
+        return np.asarray(image.convert("L"))
+    # palette and colour masks: a pixel's value is its brightest channel, so a pure red or blue defect
+    # counts as much as a white one
+    return np.asarray(image.convert("RGB")).max(axis=2)
+
+
+def binarize_mask(values):
+    # The mask rule: defect where the value is >= half of this mask's own maximum; a mask whose maximum
+    # is 0 (or below) is empty. 0/1, 0/255 and 0/65535 masks, a background of 1 under a defect of 255,
+    # anti-aliased edges and JPEG noise all land on the side a viewer would see.
+    high = values.max()
+    if not high > 0:
+        return np.zeros(values.shape, dtype=bool)
+    if np.issubdtype(values.dtype, np.integer):
+        return values >= (int(high) + 1) // 2
+    return values >= float(high) / 2.0
+
+
+def read_mask(path):
     image = _open_image(path)
-    array = np.asarray(image.convert("L") if image.mode not in ("I", "I;16", "F") else image)
-    if array.ndim == 3:
-        array = array.max(axis=2)
-    return torch.from_numpy((array > 0).astype(np.float32))[None]
+    values = _mask_values(image, path)
+    binary = binarize_mask(values)
+    low, high = values.min(), values.max()
+    info = {
+        "format": image.format,
+        "lossy": image.format in LOSSY_FORMATS,
+        "non_binary": bool(np.any((values != low) & (values != high))),
+        "low": low.item(),
+        "high": high.item(),
+        "fraction": float(binary.mean()),
+    }
+    return torch.from_numpy(binary.astype(np.float32))[None], info
 
 
-def image_size(path):
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (UnidentifiedImageError, OSError) as error:
-        raise ImageReadError(f"Cannot read image {path}: {error}") from None
+_mask_warned = set()
+
+
+def _warn_mask_once(where, kind, message, *args):
+    if (where, kind) not in _mask_warned:
+        _mask_warned.add((where, kind))
+        logger.warning("%s: " + message + " (warned once per category)", where, *args)
+
+
+def _warn_lossy(where, path, format_name):
+    _warn_mask_once(where, "lossy", "masks are stored in a lossy format (%s), e.g. %s: compression turns "
+                    "their edges into grey levels; they are binarised by the half-maximum rule (defect where "
+                    "value >= half the mask's maximum). Expected lossless masks (PNG) for exact defect areas",
+                    format_name, path)
+
+
+def _warn_about_mask(where, path, info):
+    if info["lossy"]:
+        _warn_lossy(where, path, info["format"])
+    elif info["non_binary"]:
+        _warn_mask_once(where, "non_binary", "masks hold more than two distinct values, e.g. %s (values %s to "
+                        "%s): binarised by the half-maximum rule (defect where value >= half the mask's "
+                        "maximum). Expected two values, background 0 and one defect value", path,
+                        info["low"], info["high"])
+    if info["fraction"] == 0.0:
+        _warn_mask_once(where, "empty", "mask %s of a defective image marks no pixel as defect: its pixels count "
+                        "as normal in pixel metrics. Expected a defect region, unless the defect cannot be "
+                        "outlined", path)
+    elif info["fraction"] >= MOST_OF_THE_IMAGE:
+        _warn_mask_once(where, "most", "mask %s marks %.0f%% of the image as defect: expected the defect to be "
+                        "the bright value on a darker background; check that the mask is not inverted and its "
+                        "background is not its maximum value", path, 100.0 * info["fraction"])
+
+
+def load_mask(path, where=None):
+    mask, info = read_mask(path)
+    _warn_about_mask(where or str(Path(path).parent), path, info)
+    return mask
+
+
+def image_size(path, exact=False):
+    with _open_header(path) as image:
+        return _oriented_size(image, path, exact)
+
+
+def _header(path):
+    with _open_header(path) as image:
+        found = image.size, _oriented_size(image, path), image.format
+        # PNG's verify() walks the chunks and their checksums without decompressing: it finds a truncated
+        # or corrupted PNG now for about the cost of reading the file (other formats' verify() does nothing)
+        try:
+            image.verify()
+        except (OSError, SyntaxError, ValueError) as error:
+            raise ImageReadError(f"Cannot read image {path}: {error}: expected a complete image file") from None
+        return found
+
+
+def _check_sample_files(sample, where):
+    raw_size, size, _ = _header(sample["image_path"])
+    if not sample["mask_path"]:
+        return
+    _, mask_size, mask_format = _header(sample["mask_path"])
+    if mask_format in LOSSY_FORMATS:
+        _warn_lossy(where, sample["mask_path"], mask_format)
+    if mask_size != size and "PNG" in (mask_format, Image.registered_extensions().get(
+            sample["image_path"].suffix.lower())):
+        size, mask_size = image_size(sample["image_path"], exact=True), image_size(sample["mask_path"], exact=True)
+    if mask_size != size:
+        hint = ""
+        if mask_size == raw_size and raw_size != size:
+            hint = (" (the mask matches the image as stored, but the image's EXIF orientation turns it: "
+                    "masks must match the image as displayed)")
+        raise DatasetError(f"Mask {sample['mask_path']} is {mask_size[0]}x{mask_size[1]} but its image "
+                           f"{sample['image_path']} is {size[0]}x{size[1]} after EXIF orientation{hint}: "
+                           "expected the same size")
+
+
+def check_dataset_files(dataset):
+    where = dataset.warning_key()
+    problems = []
+    for sample in dataset.samples:
+        try:
+            _check_sample_files(sample, where)
+        except (ImageReadError, DatasetError) as error:
+            problems.append(error)
+    if not problems:
+        return len(dataset.samples)
+    first = problems[0]
+    message = str(first)
+    if len(problems) > 1:
+        message += (f" [{len(problems)} of the {len(dataset.samples)} samples of the '{dataset.split}' split "
+                    "have a bad file; this is the first]")
+    raise type(first)(message)
 
 
 class AnomalyDataset(Dataset):
     dataset_name = "custom"
     known_categories = ()
 
-    def __init__(self, root_dir, category, split, transform=None):
+    def __init__(self, root_dir, category, split, transform=None, check_files=True):
         if split not in SPLITS:
             raise DatasetError(f"Unknown split '{split}': expected one of {', '.join(SPLITS)}")
         self.root_dir = Path(root_dir)
@@ -124,6 +369,12 @@ class AnomalyDataset(Dataset):
             raise DatasetError(f"No images in the '{split}' split of {self.dataset_name} category "
                                f"'{self.category}' under {self.root_dir}")
         self.has_masks = any(sample["mask_path"] for sample in self.samples) or self.mask_folder_exists()
+        if check_files:
+            # headers only: a bad file is reported now, not after training; pixels are decoded lazily
+            check_dataset_files(self)
+
+    def warning_key(self):
+        return f"{self.dataset_name} category '{self.category}' ({self.root_dir})"
 
     @classmethod
     def categories(cls):
@@ -154,7 +405,7 @@ class AnomalyDataset(Dataset):
         sample = self.samples[index]
         image = load_image_raw(sample["image_path"])
         if sample["mask_path"]:
-            mask = load_mask(sample["mask_path"])
+            mask = load_mask(sample["mask_path"], self.warning_key())
             if mask.shape[-2:] != image.shape[-2:]:
                 raise DatasetError(
                     f"Mask {sample['mask_path']} is {mask.shape[-1]}x{mask.shape[-2]} but its image "
@@ -205,7 +456,9 @@ def match_masks(images, mask_dir, defect_type, suffixes=("_mask", "")):
                                f"(expected {image.stem}{suffixes[0]}.png or similar)")
     if masks:
         orphan = sorted(masks.values())[0]
-        raise DatasetError(f"Mask {orphan} has no matching image in the '{defect_type}' test folder")
+        stem = next(orphan.stem[:len(orphan.stem) - len(s)] for s in suffixes + ("",) if orphan.stem.endswith(s))
+        raise DatasetError(f"Mask {orphan} has no matching image in the '{defect_type}' test folder: expected an "
+                           f"image named {stem} with an image extension there")
     return matched
 
 
@@ -264,10 +517,10 @@ class VisADataset(AnomalyDataset):
     dataset_name = "VisA"
     known_categories = VISA_CATEGORIES
 
-    def __init__(self, root_dir, category, split, transform=None, layout="auto", split_csv=None):
+    def __init__(self, root_dir, category, split, transform=None, layout="auto", split_csv=None, check_files=True):
         self.layout = layout
         self.split_csv = split_csv
-        super().__init__(root_dir, category, split, transform)
+        super().__init__(root_dir, category, split, transform, check_files)
 
     def resolved_layout(self):
         folder = self.category_dir()
@@ -324,7 +577,8 @@ class FolderDataset(AnomalyDataset):
     dataset_name = "Folder"
 
     def __init__(self, root_dir, category=None, split="train", transform=None, normal_dir="good",
-                 abnormal_dirs=None, mask_dirs=None, normal_test_dir=None, test_ratio=0.2, split_seed=0):
+                 abnormal_dirs=None, mask_dirs=None, normal_test_dir=None, test_ratio=0.2, split_seed=0,
+                 check_files=True):
         self.normal_dir = normal_dir
         self.abnormal_dirs = [abnormal_dirs] if isinstance(abnormal_dirs, str) else list(abnormal_dirs or [])
         if isinstance(mask_dirs, str):
@@ -338,7 +592,7 @@ class FolderDataset(AnomalyDataset):
             raise DatasetError(f"test_ratio must be in [0, 1), got {test_ratio}")
         self.test_ratio = float(test_ratio)
         self.split_seed = split_seed
-        super().__init__(root_dir, category if category is not None else "", split, transform)
+        super().__init__(root_dir, category if category is not None else "", split, transform, check_files)
 
     def base_dir(self):
         return self.category_dir() if self.category else self.root_dir
@@ -402,9 +656,10 @@ def build_dataset(dataset_config, split, transform=None, category=None):
     options.pop("category", None)
     options.pop("synthetic", None)
     options.pop("categories", None)
+    check_files = options.pop("check_files", True)
     if cls is VisADataset:
         return cls(root_dir, category, split, transform, layout=options.get("layout", "auto"),
-                   split_csv=options.get("split_csv"))
+                   split_csv=options.get("split_csv"), check_files=check_files)
     if cls is FolderDataset:
-        return cls(root_dir, category, split, transform, **options)
-    return cls(root_dir, category, split, transform)
+        return cls(root_dir, category, split, transform, check_files=check_files, **options)
+    return cls(root_dir, category, split, transform, check_files=check_files)

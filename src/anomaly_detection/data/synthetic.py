@@ -3,14 +3,14 @@ import io
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
+
+from anomaly_detection.utils import atomic_write_bytes
 
 SYNTHETIC_KINDS = ("texture", "object")
 DEFECT_TYPES = {
@@ -21,7 +21,11 @@ DEFECT_TYPES = {
 # Bump when the rendering changes so that cached folders are recognised as stale.
 GENERATOR_VERSION = 1
 MARKER_NAME = "synthetic.json"
-MIN_IMAGE_SIDE = 16
+# Below 32 px a defect is a handful of pixels and the object's hole and stamp blur together.
+MIN_IMAGE_SIDE = 32
+_SIZE_REASON = f" (below {MIN_IMAGE_SIDE} pixels per side a defect covers only a few pixels)"
+# PaDiM's covariance needs two images, and the validation split is carved out of the training images.
+MIN_TRAIN_IMAGES = 2
 # A defect must cover at least this fraction of the image to be findable at 32-64 px.
 MIN_DEFECT_FRACTION = 0.01
 # Mean absolute change (0-1 scale) a defect must cause inside its mask.
@@ -33,11 +37,11 @@ _SPLIT_TEST_DEFECT = 2
 logger = logging.getLogger("anomaly_detection")
 
 
-def _check_int(name, value, minimum):
+def _check_int(name, value, minimum, why=""):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}{why}")
     return int(value)
 
 
@@ -45,9 +49,9 @@ def _normalize_size(image_size):
     if isinstance(image_size, (list, tuple)):
         if len(image_size) != 2:
             raise ValueError(f"image_size must be an int or a (height, width) pair, got {image_size!r}")
-        return (_check_int("image_size", image_size[0], MIN_IMAGE_SIDE),
-                _check_int("image_size", image_size[1], MIN_IMAGE_SIDE))
-    side = _check_int("image_size", image_size, MIN_IMAGE_SIDE)
+        return (_check_int("image_size", image_size[0], MIN_IMAGE_SIDE, _SIZE_REASON),
+                _check_int("image_size", image_size[1], MIN_IMAGE_SIDE, _SIZE_REASON))
+    side = _check_int("image_size", image_size, MIN_IMAGE_SIDE, _SIZE_REASON)
     return side, side
 
 
@@ -363,24 +367,10 @@ def render_sample(kind="texture", image_size=64, seed=0, defect=None):
     return image, mask
 
 
-def _atomic_write_bytes(path, data):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _save_png(path, array):
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _stem(index):
@@ -406,7 +396,7 @@ def _read_marker(cat_dir):
 
 def _write_marker(cat_dir, params, complete):
     text = json.dumps({"params": params, "complete": complete}, indent=2) + "\n"
-    _atomic_write_bytes(cat_dir / MARKER_NAME, text.encode("utf-8"))
+    atomic_write_bytes(cat_dir / MARKER_NAME, text.encode("utf-8"))
 
 
 def _clear_generated(cat_dir):
@@ -422,9 +412,12 @@ def generate_synthetic_category(root, category="demo", kind="texture", image_siz
                                 num_test_good=10, num_test_defect=10, seed=0, overwrite=False):
     kind = _check_kind(kind)
     h, w = _normalize_size(image_size)
-    num_train = _check_int("num_train", num_train, 0)
-    num_test_good = _check_int("num_test_good", num_test_good, 0)
-    num_test_defect = _check_int("num_test_defect", num_test_defect, 0)
+    num_train = _check_int("num_train", num_train, MIN_TRAIN_IMAGES,
+                           " (PaDiM needs two training images, and the validation split is taken from them)")
+    num_test_good = _check_int("num_test_good", num_test_good, 1,
+                               " (the test split needs good images for image-level metrics)")
+    num_test_defect = _check_int("num_test_defect", num_test_defect, 1,
+                                 " (the test split needs defective images of every type)")
     seed = _check_int("seed", seed, 0)
     if not isinstance(category, str) or not category or category in (".", "..") or "/" in category \
             or "\\" in category:
