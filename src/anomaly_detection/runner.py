@@ -57,8 +57,9 @@ def build_loaders(config, category):
     train_full = build_dataset(config["dataset"], "train", train_transform, category=category)
     train_set, val_set = split_train_val(train_full, data["val_fraction"], seed=config["seed"])
     if val_set is not None:
-        # validation images are scored like test images: no training augmentation
-        val_set.dataset = build_dataset(config["dataset"], "train", test_transform, category=category)
+        # validation images are scored like test images: no training augmentation (same files, checked above)
+        val_set.dataset = build_dataset(dict(config["dataset"], check_files=False), "train", test_transform,
+                                        category=category)
     train_loader = create_dataloader(train_set, training["batch_size"], shuffle=True, num_workers=data["num_workers"])
     val_loader = create_dataloader(val_set, data["eval_batch_size"], num_workers=data["num_workers"]) \
         if val_set is not None else None

@@ -509,9 +509,9 @@ def validation_auroc(scores, labels):
 
 
 class OnePassTrainer(BaseTrainer):
-    # Methods without gradient training (PatchCore, PaDiM): an epoch is one pass over the normal images
-    # through the model's begin_fit / accumulate / finalize_fit. It is this trainer's train_epoch, not a
-    # hook, so a subclass that overrides a hook to log something cannot skip the fit.
+    # Methods without gradient training (a memory bank, Gaussian statistics): an epoch is one pass over the
+    # normal images through the model's begin_fit / accumulate / finalize_fit. It is this trainer's
+    # train_epoch, not a hook, so a subclass that overrides a hook to log something cannot skip the fit.
     def __init__(self, model, device="auto", **kwargs):
         super().__init__(model, None, device=device, **kwargs)
         self.fit_timings = {}

@@ -19,9 +19,21 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 logger = logging.getLogger("anomaly_detection")
 
 
+class StderrHandler(logging.StreamHandler):
+    # writes to whatever sys.stderr is now, not the stream it was created with: a test or notebook that
+    # swaps stderr and later closes its stream must not leave the logger writing into a closed file
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(level=logging.INFO):
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
     logger.setLevel(level)

@@ -202,6 +202,10 @@ def test_end_to_end_runner_summary_and_outputs(tiny_run):
     assert len(accumulator.Scalars("epoch/val_loss")) == 2
 
 
+def test_end_to_end_run_separates_the_generated_defects(tiny_run, separation):
+    separation.check(tiny_run.summary)
+
+
 def test_threshold_from_validation_is_saved_in_model_file(tiny_run):
     state = torch.load(tiny_run.model_path, map_location="cpu", weights_only=True)
     best = torch.load(tiny_run.dirs["checkpoints"] / "best.pt", map_location="cpu", weights_only=True)

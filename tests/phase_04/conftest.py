@@ -11,15 +11,6 @@ from anomaly_detection.data.synthetic import generate_synthetic_category
 IMAGE_SIZE = 64
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # on the shared 2-core machine a second intra-op thread mostly waits for a busy core
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="session")
 def texture(tmp_path_factory):
     # texture kind, seed 0, 8 training images: every defect scores above every good image with a
@@ -42,8 +33,8 @@ def fit_model():
 
 
 @pytest.fixture(scope="session")
-def cli_overrides():
-    return tiny_overrides
+def cli_overrides(separation):
+    return lambda root, model: separation.overrides(root, num_train=8, num_test_good=3, num_test_defect=1)
 
 
 def fit(model, loader):
@@ -52,13 +43,3 @@ def fit(model, loader):
         model.accumulate(batch["image"])
     model.finalize_fit()
     return model.eval()
-
-
-def tiny_overrides(root, model):
-    root = Path(root)
-    return [f"demo_dir={root / 'data'}", f"results_dir={root / 'results'}", f"checkpoint_dir={root / 'checkpoints'}",
-            f"log_dir={root / 'logs'}", f"data.image_size={IMAGE_SIZE}", f"dataset.synthetic.image_size={IMAGE_SIZE}",
-            "dataset.synthetic.num_train=8", "dataset.synthetic.num_test_good=3",
-            "dataset.synthetic.num_test_defect=1", "training.batch_size=4", "data.eval_batch_size=8",
-            "model.pretrained=false", "model.backbone=resnet18", "training.progress_bar=false",
-            "evaluation.figures=false", "data.val_fraction=0.25"]

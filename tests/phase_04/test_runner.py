@@ -9,9 +9,9 @@ import torch
 
 from anomaly_detection.cli import main
 from anomaly_detection.models import MODELS, get_trainer_class
-from anomaly_detection.models.padim import PaDiMTrainer
+from anomaly_detection.models.padim import PaDiMModel, PaDiMTrainer
 from anomaly_detection.models.patchcore import PatchCoreTrainer
-from anomaly_detection.runner import build_config, load_model_file
+from anomaly_detection.runner import build_config, load_model_file, train_and_evaluate
 from anomaly_detection.utils import PROJECT_ROOT
 
 
@@ -36,12 +36,13 @@ def test_yaml_defaults():
 
 
 @pytest.mark.parametrize("model", ["patchcore", "padim"])
-def test_cli_train_writes_metrics_and_a_loadable_model(model, tmp_path, cli_overrides, caplog):
+def test_cli_train_writes_metrics_and_a_loadable_model(model, tmp_path, cli_overrides, caplog, separation):
     overrides = cli_overrides(tmp_path, model)
     code, out, err = run(main, ["train", "--model", model, "--dataset", "demo"] + overrides)
     assert code == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["model"] == model and 0.0 <= summary["image_auroc"] <= 1.0
+    assert summary["model"] == model
+    separation.check(summary)
     results = tmp_path / "results" / model / "demo" / "demo"
     metrics = json.loads((results / "metrics.json").read_text())
     assert metrics["num_defective"] == 3 and metrics["pixel_auroc"] is not None
@@ -66,3 +67,17 @@ def test_cli_reports_bad_coreset_ratio(tmp_path, cli_overrides):
     overrides = cli_overrides(tmp_path, "patchcore") + ["model.coreset_ratio=1.5"]
     code, _, err = run(main, ["train", "--model", "patchcore", "--dataset", "demo"] + overrides)
     assert code == 2 and "coreset_ratio" in err
+
+
+def test_a_broken_model_fails_the_end_to_end_bar(tmp_path, cli_overrides, separation, monkeypatch):
+    # the control for the bars above: the same run with a model whose scores ignore the image
+    def constant(self, images):
+        zeros = torch.zeros(images.shape[0], 1, *images.shape[-2:])
+        return {"anomaly_map": zeros, "pred_score": zeros.flatten(1).amax(1)}
+
+    monkeypatch.setattr(PaDiMModel, "forward", constant)
+    config = build_config("padim", "demo", cli_overrides(tmp_path, "padim"))
+    summary = train_and_evaluate(config)
+    assert summary["image_auroc"] == 0.5
+    with pytest.raises(AssertionError, match="image_auroc 0.5 below 0.9"):
+        separation.check(summary)

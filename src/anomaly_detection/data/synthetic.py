@@ -24,7 +24,7 @@ MARKER_NAME = "synthetic.json"
 # Below 32 px a defect is a handful of pixels and the object's hole and stamp blur together.
 MIN_IMAGE_SIDE = 32
 _SIZE_REASON = f" (below {MIN_IMAGE_SIDE} pixels per side a defect covers only a few pixels)"
-# PaDiM's covariance needs two images, and the validation split is carved out of the training images.
+# a covariance (Gaussian models) needs two images, and the validation split is carved out of the training images.
 MIN_TRAIN_IMAGES = 2
 # A defect must cover at least this fraction of the image to be findable at 32-64 px.
 MIN_DEFECT_FRACTION = 0.01
@@ -413,7 +413,7 @@ def generate_synthetic_category(root, category="demo", kind="texture", image_siz
     kind = _check_kind(kind)
     h, w = _normalize_size(image_size)
     num_train = _check_int("num_train", num_train, MIN_TRAIN_IMAGES,
-                           " (PaDiM needs two training images, and the validation split is taken from them)")
+                           " (a covariance needs two training images, and the validation split is taken from them)")
     num_test_good = _check_int("num_test_good", num_test_good, 1,
                                " (the test split needs good images for image-level metrics)")
     num_test_defect = _check_int("num_test_defect", num_test_defect, 1,
