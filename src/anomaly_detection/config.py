@@ -148,6 +148,12 @@ def check_override(defined, key, value, raw, source):
     elif isinstance(expected, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(expected, float):
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e6 (no dot) as a string; as a number it is what the user meant
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     else:
         ok = isinstance(value, type(expected))

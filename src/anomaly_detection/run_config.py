@@ -1,7 +1,7 @@
 # src/anomaly_detection/run_config.py
 from anomaly_detection.config import (
-    ConfigError, check_override, default_config_dir, finalize_config, load_experiment_config, merge_configs,
-    override_items,
+    PATH_KEY_SUFFIXES, ConfigError, check_override, default_config_dir, finalize_config, load_experiment_config,
+    merge_configs, override_items,
 )
 from anomaly_detection.data.transforms import resolve_normalization
 from anomaly_detection.utils import logger
@@ -86,8 +86,10 @@ def checkpoint_config(state, overrides=None, config_dir=None, path="the checkpoi
     config = saved
     if current is not None:
         for key, old, new in differences(saved, current):
-            if old == "<absent>":
-                continue  # a key added since training: its current default is used
+            if old == "<absent>" or key.endswith(PATH_KEY_SUFFIXES):
+                # a key added since training takes its current default; folders are where things are,
+                # not how the model was made (the checkpoint's are used, and a missing one is named)
+                continue
             logger.warning("%s: the config files now say %s=%r, the model was trained with %r: using the "
                            "checkpoint's value", path, key, new, old)
         # keys added since the checkpoint was written take their current defaults
