@@ -1,4 +1,6 @@
 # benchmarks/data_throughput.py
+# Data loading rate against a ResNet18 forward pass; appended to benchmarks/results/data_throughput.jsonl
+# through record.py.
 import argparse
 import os
 import platform
@@ -12,9 +14,10 @@ from PIL import Image
 
 from anomaly_detection.data import MVTecDataset, create_dataloader, get_test_transforms
 from anomaly_detection.data.datasets import _to_array, load_mask
-from anomaly_detection.utils import PROJECT_ROOT, resolve_device
+from anomaly_detection.utils import resolve_device
+from record import SHARED, append_record, results_path, typed_command
 
-DEFAULT_ROOT = PROJECT_ROOT.parent / "shared" / "data"
+DEFAULT_ROOT = SHARED / "data"
 
 
 def loader_rate(dataset, batch_size, num_workers):
@@ -83,6 +86,8 @@ def main():
     parser.add_argument("--forward-batches", type=int, default=5)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--out", default=str(results_path(__file__)),
+                        help="append the record here (default: %(default)s; '' writes none)")
     args = parser.parse_args()
 
     root = Path(args.root)
@@ -111,6 +116,13 @@ def main():
     breakdown = stage_breakdown(dataset, args.image_size, count=100)
     print("per-image cost of the loading stages (ms, mean of 100 images): "
           + ", ".join(f"{name} {value:.2f}" for name, value in breakdown.items()))
+    if args.out:
+        figures = {f"loader_workers_{workers}_img_s": rate for workers, rate in rates.items()}
+        figures.update({f"ratio_workers_{workers}": rate / forward for workers, rate in rates.items()},
+                       resnet18_forward_img_s=forward, stage_ms=breakdown)
+        append_record(__file__, typed_command(), figures, out=args.out, variant=f"{args.category} {args.split}",
+                      images=len(dataset), image_size=args.image_size, batch_size=args.batch_size,
+                      threads=torch.get_num_threads(), device=str(device), loadavg=os.getloadavg()[0])
 
 
 if __name__ == "__main__":

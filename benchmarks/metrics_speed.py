@@ -1,5 +1,8 @@
 # benchmarks/metrics_speed.py
+# Time of the pixel-level metrics on one generated category of magnetic_tile's size; appended to
+# benchmarks/results/metrics_speed.jsonl through record.py.
 import argparse
+import os
 import time
 
 import numpy as np
@@ -13,6 +16,7 @@ from anomaly_detection.metrics import (
     compute_pixel_f1_max,
 )
 from anomaly_detection.utils import peak_rss_mb
+from record import append_record, results_path, typed_command
 
 
 def make_category(count, size, defective_fraction, seed):
@@ -43,6 +47,8 @@ def main():
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-sklearn", action="store_true", help="skip the slow sklearn baseline")
+    parser.add_argument("--out", default=str(results_path(__file__)),
+                        help="append the record here (default: %(default)s; '' writes none)")
     args = parser.parse_args()
 
     maps, masks = make_category(args.count, args.size, 0.6, args.seed)
@@ -71,6 +77,12 @@ def main():
     if not args.skip_sklearn:
         print(f"sklearn roc_auc_score / compute_pixel_auroc time: {baseline_seconds / rows[0][1]:.1f}x")
     print(f"peak RSS: {peak_rss_mb():.0f} MB")
+    if args.out:
+        figures = {name: {"seconds": seconds, "value": value} for name, seconds, value in rows}
+        figures["peak_rss_mb"] = peak_rss_mb()
+        append_record(__file__, typed_command(), figures, out=args.out,
+                      variant=f"{args.count} maps of {args.size}x{args.size}", seed=args.seed,
+                      loadavg=os.getloadavg()[0])
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 # image size, backbone and weights: fit/test time ratios ours/Anomalib, peak RSS ratio, image/pixel AUROC
 # and AU-PRO. Every run is its own subprocess, so each peak RSS belongs to one run.
 #
-#   python benchmarks/patchcore_padim_compare.py --data synthetic --out benchmarks/results/compare_synthetic.jsonl
-#   python benchmarks/patchcore_padim_compare.py --data magnetic_tile --max-train 100 --out ...
+#   python benchmarks/patchcore_padim_compare.py --data synthetic
+#   python benchmarks/patchcore_padim_compare.py --data magnetic_tile --models patchcore --max-train 100
+# Every run is appended to benchmarks/results/patchcore_padim_compare.jsonl (record.py) unless --out says else.
 import argparse
 import json
 import os
@@ -16,11 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SHARED = PROJECT_ROOT.parent / "shared"
-PEER_DIR = SHARED / "peer"
+from record import PEER_DIR, PEER_PYTHON, SHARED, append_record, read_records, results_path, typed_command
+
 MAGNETIC_TILE = SHARED / "data"
-DEFAULT_PEER_PYTHON = "/tmp/peer-venv/bin/python"
 # Anomalib's embedding for PatchCore is the plain concatenation of the 3x3-averaged layers; ours by default
 # is the official code's two-stage adaptive pooling to 1024 dims. "concat" runs ours with Anomalib's.
 PATCHCORE_VARIANTS = {"paper": [], "concat": ["model.pretrain_dim=null", "model.target_dim=null"]}
@@ -44,15 +43,16 @@ def parse_args(argv=None):
     parser.add_argument("--n-test-good", type=int, default=20, help="synthetic: good test images")
     parser.add_argument("--n-test-defect", type=int, default=10, help="synthetic: test images per defect type")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON)
+    parser.add_argument("--peer-python", default=PEER_PYTHON, help="Anomalib's venv python (env ANOMALIB_VENV)")
     parser.add_argument("--peer-extra", default="", help="more run_anomalib.py options as one string, given "
                                                          "with =, e.g. --peer-extra='--malloc-mmap-threshold 65536'")
     parser.add_argument("--skip-peer", default=None, metavar="JSONL",
-                        help="reuse recorded Anomalib results (run_anomalib.py lines or this script's --out lines)")
+                        help="reuse recorded Anomalib results (run_anomalib.py lines or this script's results)")
     parser.add_argument("--skip-ours", action="store_true", help="run only the Anomalib side")
     parser.add_argument("--ours-overrides", nargs="*", default=[], metavar="key=value")
     parser.add_argument("--work", default=None, help="scratch folder (default: a new temporary one)")
-    parser.add_argument("--out", default=None, help="append JSON lines here")
+    parser.add_argument("--out", default=str(results_path(__file__)),
+                        help="append the records here (default: %(default)s; '' writes none)")
     return parser.parse_args(argv)
 
 
@@ -221,11 +221,13 @@ def peer_record(record, info=None):
 
 def recorded_peer(path, model, image_size, context):
     found = None
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if not line.startswith("{"):
-            continue
-        record = json.loads(line)
+    for record in read_records(path):
+        if "script" in record:
+            # a record.py line: lines migrated from before the schema hold the old line under "figures"
+            if record.get("status") == "superseded":
+                continue
+            if "migrated_from" in record:
+                record = record["figures"]
         if record.get("kind") == "run" and record.get("side") == "anomalib":
             if any(record.get(key) != context[key] for key in ("data", "max_train")):
                 continue
@@ -275,13 +277,12 @@ def print_table(rows):
             f"{number(ours['aupro'])}/{number(peer['aupro'])}"]))
 
 
-def write_lines(path, records):
-    if path is None:
-        return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
+FIGURES = ("image_auroc", "pixel_auroc", "aupro", "compare_fit_s", "compare_test_s", "peak_rss_mb")
+
+
+def write_record(args, figures, **fields):
+    if args.out:
+        append_record(__file__, typed_command(), figures, out=args.out, **fields)
 
 
 def main(argv=None):
@@ -291,7 +292,7 @@ def main(argv=None):
     setup = prepare(args, work)
     context = {"data": args.data, "image_size": args.image_size, "backbone": setup["backbone"],
                "root": str(setup["root"]), "max_train": args.max_train, "coreset_ratio": args.coreset_ratio,
-               "n_features": args.n_features, "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count()}
+               "n_features": args.n_features}
     print(f"data {setup['root']}/{setup['category']}, backbone {setup['backbone']}, work {work}", file=sys.stderr)
     rows = []
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
@@ -299,7 +300,8 @@ def main(argv=None):
             peer = recorded_peer(args.skip_peer, model, args.image_size, context)
         else:
             peer = run_peer(model, setup, args, work)
-            write_lines(args.out, [{"kind": "run", "side": "anomalib", "model": model, **context, "result": peer}])
+            write_record(args, {key: peer.get(key) for key in FIGURES}, kind="run", side="anomalib", model=model,
+                         variant=f"anomalib {model}", **context, result=peer)
         print(f"anomalib {model}: {json.dumps({k: peer.get(k) for k in ('train_s', 'test_s', 'peak_rss_mb')})}",
               file=sys.stderr)
         if args.skip_ours:
@@ -309,8 +311,12 @@ def main(argv=None):
             ours = run_ours(model, setup, args, work, PATCHCORE_VARIANTS.get(variant, []))
             row = compare(model, variant, ours, peer)
             rows.append(row)
-            write_lines(args.out, [{"kind": "run", "side": "ours", "model": model, "variant": variant, **context,
-                                    "result": ours}, dict(row, **context)])
+            # one record per run of ours, with its ratios to the Anomalib run it was compared with
+            figures = {key: ours.get(key) for key in FIGURES}
+            figures.update({key: row[key] for key in ("fit_ratio", "test_ratio", "peak_rss_ratio")},
+                           anomalib={key: peer.get(key) for key in FIGURES})
+            write_record(args, figures, kind="run", side="ours", model=model, variant=f"ours {model} {variant}",
+                         **context, peer_from=args.skip_peer or "this run", result=ours)
     if rows:
         print_table(rows)
     return 0

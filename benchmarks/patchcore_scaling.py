@@ -3,17 +3,18 @@
 # magnetic_tile, as hard-linked MVTec-layout copies) and the coreset ratio, one subprocess per run, with the
 # trainer's breakdown of the fit: feature extraction, data loading, coreset selection, the rest.
 #
-#   python benchmarks/patchcore_scaling.py --out benchmarks/results/patchcore_scaling.jsonl
+#   python benchmarks/patchcore_scaling.py --ours-overrides model.pretrain_dim=null model.target_dim=null
+# (records appended to benchmarks/results/patchcore_scaling.jsonl through record.py)
 import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from patchcore_padim_compare import MAGNETIC_TILE, make_subset, run_ours, write_lines  # noqa: E402
+from patchcore_padim_compare import MAGNETIC_TILE, make_subset, run_ours  # noqa: E402
+from record import append_record, results_path, typed_command  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -30,7 +31,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ours-overrides", nargs="*", default=[], metavar="key=value")
     parser.add_argument("--work", default=None)
-    parser.add_argument("--out", default=None, help="append JSON lines here")
+    parser.add_argument("--out", default=str(results_path(__file__)),
+                        help="append the records here (default: %(default)s; '' writes none)")
     return parser.parse_args(argv)
 
 
@@ -58,10 +60,12 @@ def main(argv=None):
                    "num_patches": timings.get("num_patches"), "memory_bank_size": timings.get("memory_bank_size"),
                    "runner_fit_s": result["fit_s"], "wall_s": result["wall_s"],
                    "loadavg_start": result["loadavg_start"], "loadavg_end": result["loadavg_end"],
-                   "image_size": args.image_size, "backbone": args.backbone,
-                   "date": time.strftime("%Y-%m-%d %H:%M")}
+                   "image_size": args.image_size, "backbone": args.backbone}
             rows.append(row)
-            write_lines(args.out, [dict(row, overrides=result["overrides"])])
+            if args.out:
+                append_record(__file__, typed_command(), row, out=args.out, kind="scaling",
+                              variant=f"{counts['train']} images, coreset {coreset_ratio}",
+                              overrides=result["overrides"])
             print(json.dumps(row), file=sys.stderr)
     header = ("train images", "ratio", "patches", "bank", "fit s", "extract s", "data s", "coreset s", "other s",
               "peak RSS MB")

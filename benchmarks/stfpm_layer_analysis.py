@@ -4,7 +4,6 @@
 # and without a Gaussian blur, and image AUROC per defect type. It reads test labels to explain a result;
 # it is not a way to choose a model (model selection uses the validation loss only).
 import argparse
-import json
 
 import numpy as np
 import torch
@@ -12,8 +11,8 @@ import torch.nn.functional as F
 
 from anomaly_detection.metrics import compute_auroc, compute_pixel_auroc
 from anomaly_detection.models.patchcore.patchcore import gaussian_blur
-from anomaly_detection.runner import build_loaders, load_trained_model
-from anomaly_detection.trainer import load_checkpoint_file
+from anomaly_detection.runner import build_loaders, load_model_file
+from record import append_record, results_path, typed_command
 
 
 def layer_maps(model, loader):
@@ -37,11 +36,10 @@ def layer_maps(model, loader):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", required=True, help="best.pt or model.pt of an STFPM run")
-    parser.add_argument("--out", default=None, help="append the JSON line here")
+    parser.add_argument("--out", default=str(results_path(__file__)),
+                        help="append the record here (default: %(default)s; '' writes none)")
     args = parser.parse_args()
-    state = load_checkpoint_file(args.checkpoint)
-    config = state["config"]
-    model, _ = load_trained_model(args.checkpoint, config)
+    model, config, _ = load_model_file(args.checkpoint)
     model.eval()
     _, _, loader = build_loaders(config, str(config["dataset"]["category"]))
     maps, labels, masks, defect_types = layer_maps(model, loader)
@@ -66,8 +64,8 @@ def main():
         print(f"{name:<22} image(max) {values['image_auroc_max']:.3f}  image(mean) {values['image_auroc_mean']:.3f}  "
               f"pixel {values['pixel_auroc']:.3f}  | {types}")
     if args.out:
-        with open(args.out, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_record(__file__, typed_command(), record["maps"], out=args.out, variant="/".join(model.layers),
+                      checkpoint=args.checkpoint, layers=model.layers)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 # benchmarks/stfpm_magnetic_tile.py
 # STFPM on the real magnetic_tile category: accuracy, train s/epoch, test s/image and peak RSS, each run
 # in its own process (so peak RSS is per run), plus the inference-throughput ratio against the raw
-# backbone forward passes, measured in this process.
+# backbone forward passes, measured in this process. Each run is appended to
+# benchmarks/results/stfpm_magnetic_tile.jsonl through record.py as soon as it ends.
+#
+#   python benchmarks/stfpm_magnetic_tile.py --peer --epochs 3
 import argparse
 import json
 import os
@@ -13,8 +16,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+from record import PEER_DIR, PEER_PYTHON, SHARED, append_record, results_path, typed_command
+
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_aupro", "f1_max", "pixel_f1_max", "train_s_per_epoch",
+           "train_s_per_image_epoch", "test_s_per_image", "peak_rss_mb")
 
 
 def run_training(args, backbone, epochs, work, extra):
@@ -38,9 +43,9 @@ def run_training(args, backbone, epochs, work, extra):
 def run_peer(args, epochs, work):
     # Anomalib 2.7.0 with the very same ImageNet weights (re-keyed for timm) and layers, in its own venv
     weights = Path(work) / "lite0_timm.pth"
-    subprocess.run([sys.executable, str(SHARED / "peer" / "lite0_for_timm.py"), str(weights)], check=True,
+    subprocess.run([sys.executable, str(PEER_DIR / "lite0_for_timm.py"), str(weights)], check=True,
                    stdout=subprocess.DEVNULL)
-    command = [args.peer_python, str(SHARED / "peer" / "run_anomalib.py"), "--root", args.root,
+    command = [args.peer_python, str(PEER_DIR / "run_anomalib.py"), "--root", args.root,
                "--category", "magnetic_tile", "--model", "stfpm", "--backbone", "tf_efficientnet_lite0",
                "--weights", str(weights), "--layers", "blocks.1,blocks.2,blocks.4", "--epochs", str(epochs),
                "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--seed", "0"]
@@ -89,18 +94,28 @@ def main():
                         help="extra key=value overrides for our runs, space-separated; give it again for another "
                              "variant (each variant is one more run per backbone and epoch count)")
     parser.add_argument("--peer", action="store_true", help="also run Anomalib 2.7.0 STFPM with the same settings")
-    parser.add_argument("--peer-python", default=str(Path(tempfile.gettempdir()) / "peer-venv" / "bin" / "python"))
-    parser.add_argument("--out", default=None, help="append JSON lines here")
+    parser.add_argument("--peer-python", default=PEER_PYTHON, help="Anomalib's venv python (env ANOMALIB_VENV)")
+    parser.add_argument("--out", default=str(results_path(__file__)),
+                        help="append the records here (default: %(default)s; '' writes none)")
     args = parser.parse_args()
     variants = args.extra or [""]
     results = []
+
+    def keep(result, variant):
+        results.append(result)
+        print(json.dumps(result), flush=True)
+        if args.out:
+            figures = {key: result[key] for key in METRICS if key in result}
+            # a throughput line is all figures; a training run keeps its whole summary beside them
+            append_record(__file__, typed_command(), figures or result, out=args.out, variant=variant,
+                          batch_size=args.batch_size, **({"result": result} if figures else {}))
+
     if args.peer:
         for epochs in [int(e) for e in args.epochs.split(",")]:
             with tempfile.TemporaryDirectory(prefix="stfpm-peer-") as work:
                 peer = run_peer(args, epochs, work)
             peer.update(framework="anomalib", backbone="tf_efficientnet_lite0", epochs=epochs)
-            results.append(peer)
-            print(json.dumps(peer), flush=True)
+            keep(peer, f"anomalib tf_efficientnet_lite0 {epochs} epochs")
     for backbone in args.backbones.split(","):
         if not args.throughput_only:
             for epochs in [int(e) for e in args.epochs.split(",")]:
@@ -109,17 +124,10 @@ def main():
                         summary = run_training(args, backbone, epochs, work, extra)
                     summary.update(framework="ours", backbone=backbone, epochs=epochs, image_size=args.image_size,
                                    extra=extra)
-                    results.append(summary)
-                    print(json.dumps(summary), flush=True)
+                    keep(summary, f"{backbone} {epochs} epochs {extra or 'float32'}")
         if not args.skip_throughput:
             weights = args.mobilenet_weights if backbone == "mobilenet_v2" else None
-            record = throughput(backbone, args.image_size, 16, 5, weights)
-            results.append(record)
-            print(json.dumps(record), flush=True)
-    if args.out:
-        with open(args.out, "a") as handle:
-            for record in results:
-                handle.write(json.dumps(record) + "\n")
+            keep(throughput(backbone, args.image_size, 16, 5, weights), f"throughput {backbone}")
     print(f"\n{'backbone':<24}{'epochs':>7}{'image':>8}{'pixel':>8}{'AU-PRO':>8}{'s/epoch':>9}"
           f"{'test s/img':>11}{'RSS MB':>8}")
     for r in results:

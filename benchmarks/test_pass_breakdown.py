@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from record import append_record, results_path, typed_command
+
 
 def rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -33,19 +35,17 @@ def gemm_rate(rows, cols, dim):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", required=True, help="model.pt of a fitted patchcore or padim run")
-    parser.add_argument("--out", default=None, help="append the JSON line here")
+    parser.add_argument("--out", default=str(results_path(__file__)),
+                        help="append the record here (default: %(default)s; '' writes none)")
     args = parser.parse_args()
     torch_mb = rss_mb()
 
     from anomaly_detection.evaluator import compute_metrics
     from anomaly_detection.models.patchcore.patchcore import gaussian_blur, nearest_neighbours
-    from anomaly_detection.runner import build_loaders, load_trained_model
-    from anomaly_detection.trainer import load_checkpoint_file
+    from anomaly_detection.runner import build_loaders, load_model_file
     imports_mb = rss_mb()
 
-    state = load_checkpoint_file(args.checkpoint)
-    config = state["config"]
-    model, _ = load_trained_model(args.checkpoint, config)
+    model, config, _ = load_model_file(args.checkpoint)
     model.eval()
     category = str(config["dataset"]["category"])
     _, _, loader = build_loaders(config, category)
@@ -76,11 +76,10 @@ def main():
                    "has_masks": True, "defect_types": sum((list(b["defect_type"]) for b in batches), [])}
     _, metrics_s = timed(lambda: compute_metrics(predictions))
     record.update(metrics_s=metrics_s, torch_import_rss_mb=torch_mb, imports_rss_mb=imports_mb)
-    line = json.dumps(record)
-    print(line)
+    print(json.dumps(record))
     if args.out:
-        with open(args.out, "a") as handle:
-            handle.write(line + "\n")
+        append_record(__file__, typed_command(), record, out=args.out, variant=record["model"],
+                      checkpoint=args.checkpoint)
 
 
 if __name__ == "__main__":
