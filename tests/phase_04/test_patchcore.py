@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from anomaly_detection.config import load_experiment_config
 from anomaly_detection.models.patchcore import PatchCoreModel, PatchCoreTrainer
-from anomaly_detection.models.patchcore.patchcore import FeatureStore, gaussian_blur, pool_channels
+from anomaly_detection.models.components import gaussian_blur
+from anomaly_detection.models.patchcore.patchcore import FeatureStore, pool_channels
 
 IMAGE_SIZE = 64
 

@@ -208,10 +208,6 @@ def to_float_image(image):
     return image.float().div_(255.0) if image.dtype == torch.uint8 else image
 
 
-def load_image(path):
-    return to_float_image(load_image_raw(path))
-
-
 def _mask_values(image, path):
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "L"):
         return np.asarray(image)

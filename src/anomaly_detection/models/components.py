@@ -11,8 +11,8 @@ def upsample_map(maps, size):
 
 
 def gaussian_blur(maps, sigma):
-    # separable, 4-sigma radius, reflect padding (scipy's gaussian_filter default); torchvision's
-    # gaussian_blur convolves with the full 2-D kernel, 16x the work for sigma 4
+    # separable, 4-sigma radius, reflect padding (scipy's mode "mirror": the edge pixel is not repeated);
+    # torchvision's gaussian_blur convolves with the full 2-D kernel, 16x the work for sigma 4
     if sigma <= 0:
         return maps
     radius = min(int(4.0 * sigma + 0.5), maps.shape[-2] - 1, maps.shape[-1] - 1)
