@@ -459,7 +459,7 @@ def test_stats_report_non_binary_masks_and_size_mismatches(tree, tree_builders):
 # ---- generated data ----
 
 @pytest.mark.parametrize("name, value, expected", [
-    ("num_train", 0, ">= 2, got 0 (PaDiM needs two training images"),
+    ("num_train", 0, ">= 2, got 0 (a covariance needs two training images"),
     ("num_train", 1, ">= 2, got 1"),
     ("num_train", -4, ">= 2, got -4"),
     ("num_test_good", 0, ">= 1, got 0"),
