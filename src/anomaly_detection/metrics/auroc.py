@@ -16,7 +16,8 @@ def _flatten_scores_and_labels(scores, labels):
     scores = scores.ravel()
     if not np.isfinite(scores).all():
         raise ValueError("anomaly scores contain NaN or infinite values")
-    return scores, labels.ravel() > 0.5
+    # a bool mask is used as it is: a thresholded copy would cost one more byte per pixel
+    return scores, labels.ravel() if labels.dtype == bool else labels.ravel() > 0.5
 
 
 def _squeeze_channel(array):
