@@ -256,7 +256,9 @@ class NativePixels:
     # of masks, with per-image offsets. The exact metrics need all pixels at once; sizing both arrays from
     # the image headers before the first batch means they are filled in place and held once, with no
     # per-batch lists and no concatenated copy.
-    def __init__(self, image_paths):
+    def __init__(self, image_paths, where=None):
+        # where: the dataset's name for the mask reader's once-per-category warnings
+        self.where = where
         self.sizes = {}
         total = 0
         for path in image_paths:
@@ -283,7 +285,8 @@ class NativePixels:
             raise ValueError("evaluation.pixel_resolution=native reads each test image's size from its file, but "
                              f"the test dataset ({type(base).__name__}) does not list its files (.samples)")
         paths = [str(sample["image_path"]) for sample in samples]
-        return cls(paths if indices is None else [paths[index] for index in indices])
+        where = base.warning_key() if hasattr(base, "warning_key") else None
+        return cls(paths if indices is None else [paths[index] for index in indices], where)
 
     def add(self, anomaly_maps, image_paths, mask_paths):
         for index, (image_path, mask_path) in enumerate(zip(image_paths, mask_paths)):
@@ -293,15 +296,18 @@ class NativePixels:
             start, end = self.offsets[-1], self.offsets[-1] + height * width
             if end > self.maps.size:
                 raise ValueError("the test loader yielded more images than its dataset lists")
+            mask = load_mask(mask_path, self.where) if mask_path else None
+            if mask is not None:
+                if mask[0].numel() != height * width:
+                    raise ValueError(f"Mask {mask_path} is {mask.shape[-1]}x{mask.shape[-2]} but its image "
+                                     f"{image_path} is {width}x{height}: expected the same size")
+                # the header read skips EXIF stored after a PNG's pixels; the mask, read whole, is oriented
+                height, width = mask.shape[-2:]
             # one image at a time, upsampled as the models upsample their own maps
             upsampled = F.interpolate(anomaly_maps[index:index + 1].float(), size=(height, width), mode="bilinear",
                                       align_corners=False)
             self.maps[start:end] = upsampled.reshape(-1).cpu().numpy()
-            if mask_path:
-                mask = load_mask(mask_path)
-                if tuple(mask.shape[-2:]) != (height, width):
-                    raise ValueError(f"Mask {mask_path} is {mask.shape[-1]}x{mask.shape[-2]} but its image "
-                                     f"{image_path} is {width}x{height}: expected the same size")
+            if mask is not None:
                 self.masks[start:end] = mask.reshape(-1).numpy() > 0.5
             self.offsets.append(end)
             self.shapes.append((height, width))
