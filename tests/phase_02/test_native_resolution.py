@@ -109,7 +109,8 @@ def test_a_one_pixel_defect_lost_at_input_size_is_counted_at_native_size(tmp_pat
 
     read = []
     load_mask = evaluator_module.load_mask
-    monkeypatch.setattr(evaluator_module, "load_mask", lambda path: read.append(Path(path).name) or load_mask(path))
+    monkeypatch.setattr(evaluator_module, "load_mask",
+                        lambda path, *where: read.append(Path(path).name) or load_mask(path, *where))
     native = evaluate(dataset, "native")
     # the masks come from the dataset's own reader, each at its own size
     assert sorted(read) == ["000_mask.png", "001_mask.png"]
@@ -212,3 +213,21 @@ def test_good_images_get_an_all_zero_mask_at_their_own_size(tmp_path, tree_build
     start, end = native["offsets"][defect], native["offsets"][defect + 1]
     expected = tree_builders.box_mask((32, 32), (4, 12, 4, 12)) > 0
     assert np.array_equal(native["masks"][start:end].reshape(32, 32), expected)
+
+
+def test_native_sizes_follow_the_exif_orientation_of_the_image(tmp_path, tree_builders):
+    from PIL import Image
+
+    folder = tmp_path / "tile"
+    # stored 32 wide and 64 high, displayed turned by a quarter (EXIF orientation 6): 64 wide, 32 high
+    (folder / "test" / "crack").mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(tree_builders.noise_rgb((64, 32), 1)).save(folder / "test" / "crack" / "000.jpg", exif=exif)
+    tree_builders.write_mask(folder / "ground_truth" / "crack" / "000_mask.png", (32, 64), (8, 24, 16, 48))
+    add_image(tree_builders, folder, "good", "000", (64, 64), seed=2)
+    dataset = tile_dataset(tmp_path)
+    evaluator = Evaluator(MaskLookupModel(dataset), device="cpu", progress_bar=False)
+    native = evaluator.predict(DataLoader(dataset, batch_size=2), pixel_resolution="native")["native"]
+    assert native["shapes"] == [(32, 64), (64, 64)]
+    assert int(native["masks"].sum()) == 16 * 32
