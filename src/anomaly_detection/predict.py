@@ -82,8 +82,10 @@ class PredictionTable:
     # predictions.csv, one row written (and flushed) per image, so an interrupted run keeps what it scored
     def __init__(self, path):
         self.path = Path(path)
-        self.handle = open(self.path, "w", newline="")
-        os.chmod(self.path, 0o600)
+        # 0600 from the start, whatever the umask, as every other output file
+        descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(descriptor, 0o600)
+        self.handle = os.fdopen(descriptor, "w", newline="")
         self.writer = csv.DictWriter(self.handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         self.writer.writeheader()
 

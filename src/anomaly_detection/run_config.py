@@ -1,7 +1,7 @@
 # src/anomaly_detection/run_config.py
 from anomaly_detection.config import (
     PATH_KEY_SUFFIXES, ConfigError, check_override, default_config_dir, finalize_config, load_experiment_config,
-    merge_configs, override_items,
+    merge_configs, nest_items, override_items,
 )
 from anomaly_detection.data.transforms import resolve_normalization
 from anomaly_detection.utils import logger
@@ -94,6 +94,7 @@ def checkpoint_config(state, overrides=None, config_dir=None, path="the checkpoi
                            "checkpoint's value", path, key, new, old)
         # keys added since the checkpoint was written take their current defaults
         config = merge_configs(current, saved)
+    checked = []
     for key, value, raw in override_items(overrides):
         value = check_override(config, key, value, raw, str(path))
         old = flatten(config).get(key, "<absent>")
@@ -102,9 +103,6 @@ def checkpoint_config(state, overrides=None, config_dir=None, path="the checkpoi
                               "(and its threshold calibrated) with that value; retrain to change it")
         if value != old:
             logger.warning("%s: %s overridden, %r -> %r", path, key, old, value)
-        node = config = merge_configs(config, {})
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
+        checked.append((key, value, raw))
+    config = merge_configs(config, nest_items(checked))
     return finalize_config(config, str(path), config_dir or default_config_dir())
