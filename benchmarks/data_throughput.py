@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from PIL import Image
 
 from anomaly_detection.data import MVTecDataset, create_dataloader, get_test_transforms
-from anomaly_detection.data.datasets import _to_array, load_mask
+from anomaly_detection.data.datasets import _open_image, _to_array, load_mask
 from anomaly_detection.utils import resolve_device
 from record import SHARED, append_record, results_path, typed_command
 
@@ -56,10 +55,10 @@ def stage_breakdown(dataset, image_size, count):
     for index in indices:
         sample = dataset.samples[index]
         start = time.perf_counter()
-        with Image.open(sample["image_path"]) as image:
-            image.load()
-            decoded = time.perf_counter()
-            array = _to_array(image)
+        # the loader's own read path (header and pixel-limit checks, EXIF orientation), then its conversion
+        image = _open_image(sample["image_path"])
+        decoded = time.perf_counter()
+        array = _to_array(image, sample["image_path"])
         if array.ndim == 2:
             array = np.repeat(array[:, :, None], 3, axis=2)
         tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
