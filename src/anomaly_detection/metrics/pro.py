@@ -25,8 +25,9 @@ def compute_aupro(maps, masks, fpr_limit=0.3, return_counts=False):
 def _image_pairs(maps, masks):
     if isinstance(maps, (list, tuple)):
         if not isinstance(masks, (list, tuple)) or len(maps) != len(masks):
-            raise ValueError("per-image anomaly maps need a list of masks of the same length, got "
-                             f"{len(maps)} maps and {len(masks) if isinstance(masks, (list, tuple)) else type(masks).__name__}")
+            found = f"{len(masks)} masks" if isinstance(masks, (list, tuple)) else f"a {type(masks).__name__}"
+            raise ValueError(f"per-image anomaly maps need a list of masks of the same length, got {len(maps)} "
+                             f"maps and {found}")
         pairs = []
         for index, (anomaly_map, mask) in enumerate(zip(maps, masks)):
             anomaly_map, mask = to_numpy(anomaly_map), to_numpy(mask)
