@@ -59,7 +59,7 @@ class Evaluator:
         started = time.perf_counter()
         for batch in tqdm(loader, desc="predict", disable=not self.progress_bar, leave=False):
             outputs = self.model(batch["image"].to(self.device, non_blocking=True))
-            check_model_outputs(outputs, batch["image"])
+            check_model_outputs(outputs, batch["image"], batch["image_path"])
             if native is not None:
                 native.add(outputs["anomaly_map"], batch["image_path"], batch["mask_path"])
             scores.append(outputs["pred_score"].float().cpu().numpy().reshape(-1))
@@ -164,7 +164,7 @@ class Evaluator:
                                folder / "panels" / name, vmin=vmin, vmax=vmax)
 
 
-def check_model_outputs(outputs, images):
+def check_model_outputs(outputs, images, image_paths=None):
     if not isinstance(outputs, dict) or "anomaly_map" not in outputs or "pred_score" not in outputs:
         raise TypeError("In eval mode the model must return {'anomaly_map': Bx1xHxW, 'pred_score': B}, got "
                         f"{type(outputs).__name__}")
@@ -172,6 +172,15 @@ def check_model_outputs(outputs, images):
     if tuple(outputs["anomaly_map"].shape) != (batch, 1, height, width):
         raise ValueError(f"anomaly_map has shape {tuple(outputs['anomaly_map'].shape)}, expected "
                          f"{(batch, 1, height, width)} (the input resolution)")
+    # a NaN score sorts anywhere and would make every metric (and the threshold) a silent wrong number
+    finite = torch.isfinite(outputs["pred_score"].detach().reshape(batch)) & \
+        torch.isfinite(outputs["anomaly_map"].detach()).flatten(1).all(1)
+    if not bool(finite.all()):
+        bad = [str(image_paths[i]) if image_paths is not None else f"batch item {i}"
+               for i in torch.nonzero(~finite).flatten().tolist()]
+        raise FloatingPointError(f"the model gave non-finite scores or maps for {len(bad)} image(s), first {bad[0]}: "
+                                 "the run diverged or the input holds NaN. Retrain with a lower "
+                                 "training.learning_rate; no metric or threshold is computed from them")
 
 
 def select_panel_indices(predictions, max_panels):

@@ -286,3 +286,24 @@ def test_misspelled_override_on_the_command_line(tmp_path, make_overrides):
     result = run_cli(["train", "--model", "stfpm", "--dataset", "demo"] + make_overrides(tmp_path)
                      + ["traning.num_epochs=3"])
     assert result.code == 2 and "did you mean 'training.num_epochs'" in result.err
+
+
+@pytest.mark.parametrize("bad", ["score", "map"])
+def test_non_finite_scores_stop_evaluation_naming_the_image(bad):
+    from anomaly_detection.evaluator import Evaluator
+
+    class Broken(torch.nn.Module):
+        def forward(self, images):
+            maps = torch.zeros(images.shape[0], 1, *images.shape[-2:])
+            scores = torch.ones(images.shape[0])
+            if bad == "score":
+                scores[1] = float("nan")
+            else:
+                maps[1, 0, 3, 3] = float("inf")
+            return {"anomaly_map": maps, "pred_score": scores}
+
+    batch = {"image": torch.zeros(2, 3, 8, 8), "label": torch.tensor([0, 1]), "mask": torch.zeros(2, 1, 8, 8),
+             "image_path": ["a.png", "b.png"], "mask_path": ["", ""], "defect_type": ["good", "x"]}
+    evaluator = Evaluator(Broken(), device="cpu", progress_bar=False)
+    with pytest.raises(FloatingPointError, match="non-finite scores or maps for 1 image\\(s\\), first b.png"):
+        evaluator.predict([batch])
