@@ -1,6 +1,7 @@
 # src/anomaly_detection/trainer.py
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -248,6 +249,9 @@ class BaseTrainer:
         if self.log_dir is not None and self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.log_dir))
+            # the event file is created at once, with the umask's mode: 0600 like every other output file
+            for path in self.log_dir.glob("events.out.tfevents.*"):
+                os.chmod(path, 0o600)
 
     def _close_writer(self):
         if self.writer is not None:

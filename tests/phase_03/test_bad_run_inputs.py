@@ -307,3 +307,10 @@ def test_non_finite_scores_stop_evaluation_naming_the_image(bad):
     evaluator = Evaluator(Broken(), device="cpu", progress_bar=False)
     with pytest.raises(FloatingPointError, match="non-finite scores or maps for 1 image\\(s\\), first b.png"):
         evaluator.predict([batch])
+
+
+def test_every_file_a_run_writes_is_private(tiny_run):
+    # results, checkpoints, TensorBoard events, figures and the generated data: 0600 whatever the umask
+    written = [path for path in tiny_run.root.rglob("*") if path.is_file()]
+    assert len(written) > 20
+    assert [str(path) for path in written if path.stat().st_mode & 0o777 != 0o600] == []

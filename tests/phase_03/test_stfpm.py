@@ -193,7 +193,8 @@ def test_end_to_end_runner_summary_and_outputs(tiny_run):
     assert list((results / "figures" / "panels").glob("*.png"))
     assert {p.name for p in checkpoints.iterdir()} >= {"last.pt", "best.pt", "model.pt", "config.yaml"}
     assert not list(checkpoints.glob("*.tmp"))
-    assert list(logs.glob("events.out.tfevents.*"))
+    events = list(logs.glob("events.out.tfevents.*"))
+    assert events and all(path.stat().st_mode & 0o777 == 0o600 for path in events)
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     accumulator = EventAccumulator(str(logs))
