@@ -1,9 +1,6 @@
 # tests/phase_03/test_bad_run_inputs.py
-import io
-import json
 import logging
 import shutil
-from contextlib import redirect_stderr, redirect_stdout
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,25 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from anomaly_detection.cli import main
-from anomaly_detection.config import ConfigError
 from anomaly_detection.trainer import BaseTrainer, check_validation_metrics
 from anomaly_detection.utils import PROJECT_ROOT
+from helpers import json_lines, run_cli
 
 # The run-level half of the bad-input corpus (the data half is tests/phase_01/test_bad_inputs.py): diverging
 # runs, checkpoints, configs that drifted since training, predict inputs and command-line values. Each case
 # asserts that the message names the culprit and says what was expected, or that no wrong number comes out.
-
-
-def run_cli(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main(argv)
-    return SimpleNamespace(code=code, out=out.getvalue(), err=err.getvalue())
-
-
-def json_lines(stdout):
-    return [json.loads(line) for line in stdout.strip().splitlines() if line.startswith("{")]
 
 
 @pytest.fixture

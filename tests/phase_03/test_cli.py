@@ -1,28 +1,19 @@
 # tests/phase_03/test_cli.py
-import io
 import json
 import runpy
 import shutil
 import subprocess
-from contextlib import redirect_stderr, redirect_stdout
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from anomaly_detection.cli import main
 from anomaly_detection.utils import PROJECT_ROOT
+from helpers import run_cli
 
 SUMMARY_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "fit_s", "test_s", "peak_rss_mb")
 GENERATE = ["--category", "demo", "--image-size", "32", "--num-train", "5", "--num-test-good", "2",
             "--num-test-defect", "1"]
-
-
-def run_cli(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main(argv)
-    return SimpleNamespace(code=code, out=out.getvalue(), err=err.getvalue())
 
 
 def last_json(stdout):

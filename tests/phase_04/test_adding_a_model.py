@@ -1,18 +1,16 @@
 # tests/phase_04/test_adding_a_model.py
-import io
 import json
 import shutil
-from contextlib import redirect_stderr, redirect_stdout
 
 import torch
 from torch import nn
 
-from anomaly_detection.cli import main
 from anomaly_detection.models import MODELS
 from anomaly_detection.models.backbones import FeatureExtractor, layers_or_default
 from anomaly_detection.models.components import FittedBuffersMixin, upsample_map
 from anomaly_detection.trainer import OnePassTrainer, model_arguments
 from anomaly_detection.utils import PROJECT_ROOT
+from helpers import run_cli
 
 # The worked example of docs/adding_a_model.md, registered through the same path a real model uses:
 # a YAML file in the config folder, one entry in MODELS, and the CLI's train / test / predict.
@@ -69,13 +67,6 @@ class MeanDistanceTrainer(OnePassTrainer):
         return MeanDistanceModel(**model_arguments(config, pretrained))
 
 
-def run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
-
-
 def test_a_new_model_trains_tests_and_predicts_through_the_cli(tmp_path, monkeypatch, separation):
     configs = tmp_path / "configs"
     shutil.copytree(PROJECT_ROOT / "configs", configs)
@@ -83,20 +74,20 @@ def test_a_new_model_trains_tests_and_predicts_through_the_cli(tmp_path, monkeyp
     monkeypatch.setenv("ANOMALY_DETECTION_CONFIG_DIR", str(configs))
     monkeypatch.setitem(MODELS, "meandist", MeanDistanceTrainer)
 
-    code, out, err = run(["train", "--model", "meandist", "--dataset", "demo"] + separation.overrides(tmp_path / "run"))
-    assert code == 0, err
-    summary = json.loads(out.strip().splitlines()[-1])
+    result = run_cli(["train", "--model", "meandist", "--dataset", "demo"] + separation.overrides(tmp_path / "run"))
+    assert result.code == 0, result.err
+    summary = json.loads(result.out.strip().splitlines()[-1])
     separation.check(summary)
     state = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)
     assert state["model_class"] == "MeanDistanceModel" and state["threshold"]["num_images"] == 3
     assert state["model"]["feature_mean"].shape == (128, 8, 8)
 
-    code, out, err = run(["test", "--checkpoint", summary["checkpoint"]])
-    assert code == 0, err
-    tested = json.loads(out.strip().splitlines()[-1])
+    result = run_cli(["test", "--checkpoint", summary["checkpoint"]])
+    assert result.code == 0, result.err
+    tested = json.loads(result.out.strip().splitlines()[-1])
     assert tested["image_auroc"] == summary["image_auroc"] and tested["pixel_auroc"] == summary["pixel_auroc"]
 
     images = sorted((tmp_path / "run" / "data" / "demo" / "test" / "good").glob("*.png"))[:2]
-    code, out, err = run(["predict", "--checkpoint", summary["checkpoint"], "--input", str(images[0])])
-    assert code == 0, err
-    assert json.loads(out.strip().splitlines()[0])["image_path"] == str(images[0])
+    result = run_cli(["predict", "--checkpoint", summary["checkpoint"], "--input", str(images[0])])
+    assert result.code == 0, result.err
+    assert json.loads(result.out.strip().splitlines()[0])["image_path"] == str(images[0])

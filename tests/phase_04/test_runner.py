@@ -1,25 +1,21 @@
 # tests/phase_04/test_runner.py
-import io
 import json
 import runpy
-from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 import torch
 
-from anomaly_detection.cli import main
 from anomaly_detection.models import MODELS, get_trainer_class
 from anomaly_detection.models.padim import PaDiMModel, PaDiMTrainer
 from anomaly_detection.models.patchcore import PatchCoreTrainer
 from anomaly_detection.runner import build_config, load_model_file, train_and_evaluate
 from anomaly_detection.utils import PROJECT_ROOT
+from helpers import run_cli
 
 
-def run(function, argv):
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = function(argv)
-    return code, out.getvalue(), err.getvalue()
+def run(argv, entry=None):
+    result = run_cli(argv) if entry is None else run_cli(argv, entry)
+    return result.code, result.out, result.err
 
 
 def test_registered():
@@ -38,7 +34,7 @@ def test_yaml_defaults():
 @pytest.mark.parametrize("model", ["patchcore", "padim"])
 def test_cli_train_writes_metrics_and_a_loadable_model(model, tmp_path, cli_overrides, caplog, separation):
     overrides = cli_overrides(tmp_path, model)
-    code, out, err = run(main, ["train", "--model", model, "--dataset", "demo"] + overrides)
+    code, out, err = run(["train", "--model", model, "--dataset", "demo"] + overrides)
     assert code == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["model"] == model
@@ -58,14 +54,14 @@ def test_experiment_script_runs_one_category(tmp_path, cli_overrides, monkeypatc
     script = PROJECT_ROOT / "experiments" / "train_patchcore.py"
     namespace = runpy.run_path(str(script))
     overrides = cli_overrides(tmp_path, "patchcore") + ["model.coreset_ratio=0.25"]
-    code, out, err = run(namespace["main"], ["--dataset", "demo", "--category", "demo"] + overrides)
+    code, out, err = run(["--dataset", "demo", "--category", "demo"] + overrides, entry=namespace["main"])
     assert code == 0, err
     assert json.loads(out.strip().splitlines()[-1])["category"] == "demo"
 
 
 def test_cli_reports_bad_coreset_ratio(tmp_path, cli_overrides):
     overrides = cli_overrides(tmp_path, "patchcore") + ["model.coreset_ratio=1.5"]
-    code, _, err = run(main, ["train", "--model", "patchcore", "--dataset", "demo"] + overrides)
+    code, _, err = run(["train", "--model", "patchcore", "--dataset", "demo"] + overrides)
     assert code == 2 and "coreset_ratio" in err
 
 

@@ -11,13 +11,10 @@ from anomaly_detection.models.backbones import FeatureExtractor, layers_or_defau
 from anomaly_detection.models.components import FittedBuffersMixin, gaussian_blur, upsample_map
 
 # model.layers: null takes these (the paper's: the first three stages)
-DEFAULT_LAYERS = {
-    "resnet18": ["layer1", "layer2", "layer3"],
-    "resnet50": ["layer1", "layer2", "layer3"],
-    "wide_resnet50_2": ["layer1", "layer2", "layer3"],
-    "mobilenet_v2": ["features.3", "features.6", "features.13"],
-    "tf_efficientnet_lite0": ["blocks.1", "blocks.2", "blocks.4"],
-}
+RESNET_LAYERS = ["layer1", "layer2", "layer3"]
+DEFAULT_LAYERS = dict.fromkeys(("resnet18", "resnet50", "wide_resnet50_2"), RESNET_LAYERS)
+DEFAULT_LAYERS.update(mobilenet_v2=["features.3", "features.6", "features.13"],
+                      tf_efficientnet_lite0=["blocks.1", "blocks.2", "blocks.4"])
 # the paper's random channel subsets; other backbones keep this many unless told otherwise
 PAPER_N_FEATURES = {"resnet18": 100, "resnet50": 550, "wide_resnet50_2": 550}
 DEFAULT_N_FEATURES = 100

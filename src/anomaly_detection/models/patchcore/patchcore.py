@@ -13,13 +13,10 @@ from anomaly_detection.models.components import FittedBuffersMixin, gaussian_blu
 from anomaly_detection.models.patchcore.coreset import greedy_coreset_indices, rows_per_chunk
 
 # model.layers: null takes these: the two middle stages, as in the paper (wide_resnet50_2 layer2, layer3)
-DEFAULT_LAYERS = {
-    "resnet18": ["layer2", "layer3"],
-    "resnet50": ["layer2", "layer3"],
-    "wide_resnet50_2": ["layer2", "layer3"],
-    "mobilenet_v2": ["features.6", "features.13"],
-    "tf_efficientnet_lite0": ["blocks.2", "blocks.4"],
-}
+RESNET_LAYERS = ["layer2", "layer3"]
+DEFAULT_LAYERS = dict.fromkeys(("resnet18", "resnet50", "wide_resnet50_2"), RESNET_LAYERS)
+DEFAULT_LAYERS.update(mobilenet_v2=["features.6", "features.13"],
+                      tf_efficientnet_lite0=["blocks.2", "blocks.4"])
 
 FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SEARCH_BACKENDS = ("auto", "torch", "faiss")

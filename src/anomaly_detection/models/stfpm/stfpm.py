@@ -9,13 +9,10 @@ from anomaly_detection.models.backbones import FeatureExtractor, layers_or_defau
 from anomaly_detection.models.components import upsample_map
 
 # model.layers: null takes these: three stages of increasing depth, as in the paper (resnet18 layer1-3)
-DEFAULT_LAYERS = {
-    "resnet18": ["layer1", "layer2", "layer3"],
-    "resnet50": ["layer1", "layer2", "layer3"],
-    "wide_resnet50_2": ["layer1", "layer2", "layer3"],
-    "mobilenet_v2": ["features.3", "features.6", "features.13"],
-    "tf_efficientnet_lite0": ["blocks.1", "blocks.2", "blocks.4"],
-}
+RESNET_LAYERS = ["layer1", "layer2", "layer3"]
+DEFAULT_LAYERS = dict.fromkeys(("resnet18", "resnet50", "wide_resnet50_2"), RESNET_LAYERS)
+DEFAULT_LAYERS.update(mobilenet_v2=["features.3", "features.6", "features.13"],
+                      tf_efficientnet_lite0=["blocks.1", "blocks.2", "blocks.4"])
 
 
 class STFPMModel(nn.Module):
