@@ -57,7 +57,8 @@ def build_parser():
                          help="folder for predictions.csv (written as images are scored) and heat-map figures")
     add_overrides(predict)
 
-    demo = commands.add_parser("demo", help=f"generated data -> {DEFAULT_MODEL} (pretrained EfficientNet-Lite0) -> metrics")
+    demo = commands.add_parser("demo",
+                               help=f"generated data -> {DEFAULT_MODEL} (pretrained EfficientNet-Lite0) -> metrics")
     add_overrides(demo)
     return parser
 

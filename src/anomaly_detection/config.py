@@ -122,7 +122,7 @@ def check_override(defined, key, value, raw, source):
     # otherwise; a value of another type than the YAML's would fail (or silently mislead) later.
     node = defined
     parts = key.split(".")
-    for depth, part in enumerate(parts):
+    for part in parts:
         if not isinstance(node, dict) or part not in node:
             known = leaf_keys(defined)
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
@@ -281,13 +281,6 @@ def save_config(config, path):
     return atomic_write_text(path, yaml.safe_dump(config, sort_keys=False, default_flow_style=False))
 
 
-def get_nested(config, dotted, default=None):
-    try:
-        return _lookup(config, dotted)
-    except KeyError:
-        return default
-
-
 class _FromYaml:
     def __repr__(self):
         return "FROM_YAML"
@@ -299,9 +292,10 @@ FROM_YAML = _FromYaml()
 
 
 @functools.lru_cache(maxsize=None)
-def packaged_defaults(model_name, config_dir=None):
-    config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
-    return merge_configs(read_yaml(config_dir / "default.yaml"), _named_config(config_dir, "models", model_name, "model"))
+def packaged_defaults(model_name):
+    config_dir = default_config_dir()
+    return merge_configs(read_yaml(config_dir / "default.yaml"),
+                         _named_config(config_dir, "models", model_name, "model"))
 
 
 def fill_from_yaml(model_name, section, arguments):

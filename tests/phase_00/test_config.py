@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from anomaly_detection.config import (
-    CONFIG_DIR_ENV, ConfigError, available_names, get_nested, load_config, load_experiment_config,
+    CONFIG_DIR_ENV, ConfigError, available_names, load_config, load_experiment_config,
     merge_configs, parse_overrides, save_config,
 )
 from anomaly_detection.data import DATASETS
@@ -217,7 +217,7 @@ def test_environment_and_nested_references(tmp_path, monkeypatch):
     assert config["eval_batch"] == 8 and config["training"]["nested"]["depth"] == 18
     assert config["label"] == "bs8-d18"
     assert config["items"] == [18, "prefix-xyz"]
-    assert get_nested(config, "training.batch_size") == 8 and get_nested(config, "a.b", "none") == "none"
+    assert config["training"]["batch_size"] == 8
 
 
 def test_config_keys_take_precedence_over_environment(tmp_path, monkeypatch):

@@ -38,7 +38,8 @@ class PatchCoreModel(FittedBuffersMixin, nn.Module):
             "num_neighbors": num_neighbors, "projection_dim": projection_dim, "memory_budget_mb": memory_budget_mb,
             "feature_dtype": feature_dtype, "search_backend": search_backend, "blur_sigma": blur_sigma})
         backbone, pretrain_dim, target_dim = args["backbone"], args["pretrain_dim"], args["target_dim"]
-        coreset_ratio, num_neighbors, projection_dim = args["coreset_ratio"], args["num_neighbors"], args["projection_dim"]
+        coreset_ratio, num_neighbors = args["coreset_ratio"], args["num_neighbors"]
+        projection_dim = args["projection_dim"]
         memory_budget_mb, feature_dtype = args["memory_budget_mb"], args["feature_dtype"]
         search_backend = args["search_backend"]
         if not 0.0 < float(coreset_ratio) <= 1.0:
