@@ -47,8 +47,8 @@ def differences(old, new):
 
 
 def is_binding(key):
-    return any(key == prefix or key.startswith(prefix) if prefix.endswith(".") else key == prefix
-               for prefix in BINDING_KEYS)
+    # "model." binds every key under model; the others are single keys
+    return any(key.startswith(prefix) if prefix.endswith(".") else key == prefix for prefix in BINDING_KEYS)
 
 
 def check_resume_config(saved, config, path):
