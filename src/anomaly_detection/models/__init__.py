@@ -1,4 +1,5 @@
 # src/anomaly_detection/models/__init__.py
+from anomaly_detection.models.efficientad import EfficientADTrainer
 from anomaly_detection.models.padim import PaDiMTrainer
 from anomaly_detection.models.patchcore import PatchCoreTrainer
 from anomaly_detection.models.stfpm import STFPMTrainer
@@ -9,6 +10,7 @@ MODELS = {
     "stfpm": STFPMTrainer,
     "patchcore": PatchCoreTrainer,
     "padim": PaDiMTrainer,
+    "efficientad": EfficientADTrainer,
 }
 
 
