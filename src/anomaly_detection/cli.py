@@ -57,10 +57,21 @@ def build_parser():
                          help="folder for predictions.csv (written as images are scored) and heat-map figures")
     add_overrides(predict)
 
+    # sub-commands a model folder brings (EfficientAD's teacher distillation, say), named in models/__init__.py
+    from anomaly_detection.models import MODEL_COMMANDS
+    for name, module in MODEL_COMMANDS.items():
+        command = commands.add_parser(name, help=module_of(module).HELP)
+        module_of(module).add_arguments(command)
+
     demo = commands.add_parser("demo",
                                help=f"generated data -> {DEFAULT_MODEL} (pretrained EfficientNet-Lite0) -> metrics")
     add_overrides(demo)
     return parser
+
+
+def module_of(name):
+    import importlib
+    return importlib.import_module(name)
 
 
 def run_generate(args):
@@ -169,10 +180,14 @@ COMMANDS = {"generate-demo": run_generate, "stats": run_stats, "train": run_trai
 
 
 def main(argv=None):
+    from anomaly_detection.models import MODEL_COMMANDS
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
-        result = COMMANDS[args.command](args)
+        if args.command in MODEL_COMMANDS:
+            result = module_of(MODEL_COMMANDS[args.command]).run(args)
+        else:
+            result = COMMANDS[args.command](args)
     except (FileNotFoundError, ValueError, RuntimeError, OSError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

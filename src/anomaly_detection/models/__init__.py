@@ -18,3 +18,9 @@ def get_trainer_class(name):
     if name not in MODELS:
         raise ValueError(f"Unknown model '{name}': expected one of {', '.join(MODELS)}")
     return MODELS[name]
+
+
+# sub-command -> module with HELP, add_arguments(parser) and run(args): commands a model folder brings to the CLI
+MODEL_COMMANDS = {
+    "distill-teacher": "anomaly_detection.models.efficientad.distill",
+}
