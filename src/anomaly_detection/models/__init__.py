@@ -2,6 +2,7 @@
 from anomaly_detection.models.efficientad import EfficientADTrainer
 from anomaly_detection.models.padim import PaDiMTrainer
 from anomaly_detection.models.patchcore import PatchCoreTrainer
+from anomaly_detection.models.reverse_distillation import ReverseDistillationTrainer
 from anomaly_detection.models.stfpm import STFPMTrainer
 
 # name -> trainer class. A trainer class builds its model from a config (build_model) and itself
@@ -10,6 +11,7 @@ MODELS = {
     "stfpm": STFPMTrainer,
     "patchcore": PatchCoreTrainer,
     "padim": PaDiMTrainer,
+    "reverse_distillation": ReverseDistillationTrainer,
     "efficientad": EfficientADTrainer,
 }
 
