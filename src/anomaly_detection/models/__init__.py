@@ -1,5 +1,6 @@
 # src/anomaly_detection/models/__init__.py
 from anomaly_detection.models.efficientad import EfficientADTrainer
+from anomaly_detection.models.fastflow import FastFlowTrainer
 from anomaly_detection.models.padim import PaDiMTrainer
 from anomaly_detection.models.patchcore import PatchCoreTrainer
 from anomaly_detection.models.reverse_distillation import ReverseDistillationTrainer
@@ -12,6 +13,7 @@ MODELS = {
     "patchcore": PatchCoreTrainer,
     "padim": PaDiMTrainer,
     "reverse_distillation": ReverseDistillationTrainer,
+    "fastflow": FastFlowTrainer,
     "efficientad": EfficientADTrainer,
 }
 
