@@ -104,12 +104,17 @@ def test_both_teacher_key_layouts_load_and_give_identical_outputs(tmp_path):
     reference = tmp_path / "reference.pth"
     torch.save(source.state_dict(), ours)
     torch.save(sequential_state(source, "small"), reference)
+    prefixed = tmp_path / "prefixed.pth"
+    torch.save({f"teacher.{key}": value for key, value in source.state_dict().items()}, prefixed)
+    distilled = tmp_path / "distilled.pth"
+    torch.save({"state_dict": source.state_dict(), "recipe": {"backbone": "tf_efficientnet_lite0", "steps": 1}},
+               distilled)
     batch = images(1)
     outputs = []
-    for path in (ours, reference):
+    for path in (ours, reference, prefixed, distilled):
         model = EfficientADModel(model_size="small", pretrained=True, teacher_weights=str(path), image_size=SIZE)
         outputs.append(model.teacher(batch))
-    assert torch.equal(outputs[0], outputs[1])
+    assert all(torch.equal(outputs[0], output) for output in outputs[1:])
     assert torch.equal(outputs[0], source(batch))
 
 

@@ -283,7 +283,8 @@ def describe(state):
 
 def load_teacher_state(path, teacher, model_size):
     # the reference implementation's nn.Sequential layout (0.weight, 3.bias, ...) or Anomalib's names
-    # (conv1.weight, ...; with or without a "teacher." prefix), onto this PDN's names
+    # (conv1.weight, ...; with or without a "teacher." prefix), onto this PDN's names; a bare state_dict or
+    # one under "state_dict" (as distill-teacher writes it)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"EfficientAD teacher weights not found: {path}. Make them with "
@@ -296,6 +297,8 @@ def load_teacher_state(path, teacher, model_size):
         raise ValueError(f"Cannot read EfficientAD teacher weights {path} as a state_dict "
                          f"({type(error).__name__}: {error})") from None
     expected = teacher.state_dict()
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # distill-teacher's file: the weights beside the recipe that made them
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"EfficientAD teacher file {path} does not hold a state_dict of tensors; expected "
                          f"{describe(expected)}")
