@@ -217,7 +217,8 @@ def test_without_validation_images_the_quantiles_come_from_training_images_with_
 
 def test_penalty_images_enter_the_loss(tmp_path, tree_builders, caplog):
     for index in range(3):
-        tree_builders.write_image(tmp_path / "generic" / "sub" / f"{index}.png", tree_builders.noise_rgb((40, 30), index))
+        tree_builders.write_image(tmp_path / "generic" / "sub" / f"{index}.png",
+                                  tree_builders.noise_rgb((40, 30), index))
     (tmp_path / "generic" / "notes.txt").write_text("not an image")
     model = random_model(seed=5)
     trainer = EfficientADTrainer(model, device="cpu", max_steps=1, imagenet_dir=str(tmp_path / "generic"),
@@ -227,7 +228,8 @@ def test_penalty_images_enter_the_loss(tmp_path, tree_builders, caplog):
     model.train()
     outputs = trainer.training_step({"image": images(2)}, 0)
     assert outputs["penalty"] > 0
-    assert float(outputs["loss"].detach()) == pytest.approx(float(sum(outputs[k] for k in ("hard", "penalty", "ae", "stae"))))
+    parts = sum(outputs[key] for key in ("hard", "penalty", "ae", "stae"))
+    assert float(outputs["loss"].detach()) == pytest.approx(float(parts))
     assert tuple(trainer.penalty_images.next_batch(2).shape) == (2, 3, SIZE, SIZE)
     with caplog.at_level(logging.INFO):
         EfficientADTrainer(random_model(), device="cpu", max_steps=1, progress_bar=False)
