@@ -166,6 +166,7 @@ def test_python_defaults_come_from_the_yaml():
     ({"hidden_ratio": 0}, "model.hidden_ratio must be a number > 0"),
     ({"hidden_ratio": -1.0}, "model.hidden_ratio must be a number > 0"),
     ({"clamp": 0.0}, "model.clamp must be a number > 0"),
+    ({"hidden_ratio": 0.01}, "model.hidden_ratio=0.01 leaves no hidden channels"),
     ({"conv3x3_only": "yes"}, "model.conv3x3_only must be true or false"),
     ({"input_size": 4}, "input_size must be an integer >= 8"),
 ])
@@ -187,3 +188,13 @@ def test_cli_run_separates_the_generated_defects(tmp_path, separation):
     summary = json.loads(result.out.strip().splitlines()[-1])
     assert summary["model"] == "fastflow" and summary["epochs_run"] == 2
     separation.check(summary)
+
+    # test and predict rebuild the model from model.pt alone and give the same scores
+    result = run_cli(["test", "--checkpoint", summary["checkpoint"]])
+    assert result.code == 0, result.err
+    tested = json.loads(result.out.strip().splitlines()[-1])
+    assert tested["image_auroc"] == summary["image_auroc"] and tested["pixel_auroc"] == summary["pixel_auroc"]
+    image = sorted((tmp_path / "data" / "demo" / "test" / "good").glob("*.png"))[0]
+    result = run_cli(["predict", "--checkpoint", summary["checkpoint"], "--input", str(image)])
+    assert result.code == 0, result.err
+    assert json.loads(result.out.strip().splitlines()[0])["image_path"] == str(image)

@@ -18,6 +18,9 @@ DEFAULT_LAYERS.update(mobilenet_v2=["features.3", "features.6", "features.13"],
 
 def subnet(in_channels, out_channels, kernel_size, hidden_ratio):
     hidden = int(in_channels * hidden_ratio)
+    if hidden < 1:
+        raise ValueError(f"model.hidden_ratio={hidden_ratio} leaves no hidden channels for a subnet of "
+                         f"{in_channels} input channels: expected a ratio >= {1 / in_channels:.4g}")
     return nn.Sequential(nn.Conv2d(in_channels, hidden, kernel_size, padding=kernel_size // 2), nn.ReLU(),
                          nn.Conv2d(hidden, out_channels, kernel_size, padding=kernel_size // 2))
 
