@@ -193,7 +193,7 @@ SEPARATION_BARS = {"image_auroc": 0.9, "pixel_auroc": 0.85}
 
 
 def run_overrides(root, image_size=64, num_train=12, num_test_good=6, num_test_defect=2, epochs=1,
-                  figures=False, val_fraction=0.25):
+                  figures=False, val_fraction=0.25, backbone="resnet18"):
     root = Path(root)
     return [f"demo_dir={root / 'data'}", f"results_dir={root / 'results'}",
             f"checkpoint_dir={root / 'checkpoints'}", f"log_dir={root / 'logs'}",
@@ -201,8 +201,9 @@ def run_overrides(root, image_size=64, num_train=12, num_test_good=6, num_test_d
             f"dataset.synthetic.num_train={num_train}", f"dataset.synthetic.num_test_good={num_test_good}",
             f"dataset.synthetic.num_test_defect={num_test_defect}", f"training.num_epochs={epochs}",
             "training.batch_size=4", "data.eval_batch_size=8", "model.pretrained=false",
-            "model.backbone=resnet18", "training.progress_bar=false", "evaluation.max_panels=3",
-            f"evaluation.figures={str(bool(figures)).lower()}", f"data.val_fraction={val_fraction}"]
+            "training.progress_bar=false", "evaluation.max_panels=3",
+            f"evaluation.figures={str(bool(figures)).lower()}", f"data.val_fraction={val_fraction}"] + \
+        ([f"model.backbone={backbone}"] if backbone else [])
 
 
 def assert_separates(summary):

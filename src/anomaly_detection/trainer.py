@@ -450,7 +450,7 @@ def model_arguments(config, pretrained=None):
     arguments = {key: value for key, value in config["model"].items() if key != "name"}
     if pretrained is not None:
         arguments["pretrained"] = pretrained
-    if "pretrained" in arguments and not arguments["pretrained"]:
+    if "weights" in arguments and not arguments.get("pretrained", True):
         arguments["weights"] = None
     arguments["backbone_root"] = config["backbone_root"]
     return arguments

@@ -17,7 +17,9 @@ from anomaly_detection.models.backbones import (
     layers_or_default,
     resolve_layers,
 )
+from anomaly_detection.config import load_experiment_config
 from anomaly_detection.models import MODELS
+from anomaly_detection.run_config import resolve_normalization_config
 
 CORAL = Path("/work/shared/weights/mobilenet_v2_imagenet_coral.pth")
 GRACE_HOPPER = "sample_data/grace_hopper.jpg"
@@ -73,12 +75,11 @@ def test_index_and_name_forms_agree(name):
 
 
 def model_classes():
-    # every registered model's own torch class, found through its trainer as the runner builds it
+    # every registered model's own torch class, built from its own YAML as the runner builds it
     classes = {}
     for name, trainer_class in MODELS.items():
-        config = {"model": {"name": name, "backbone": "resnet18", "pretrained": False}, "seed": 0,
-                  "backbone_root": None, "training": {"activation_checkpointing": False}}
-        classes[name] = type(trainer_class.build_model(config, pretrained=False))
+        config = resolve_normalization_config(load_experiment_config(name, "demo", ["model.pretrained=false"]))
+        classes[name] = type(trainer_class.build_model(config))
     return classes
 
 
@@ -90,11 +91,12 @@ def test_every_registered_model_is_found():
 
 
 @pytest.mark.parametrize("name", list(BACKBONES))
-@pytest.mark.parametrize("model", sorted(MODEL_CLASSES))
+LAYERED_MODELS = sorted(name for name, cls in MODEL_CLASSES.items() if hasattr(cls, "default_layers"))
+
+
+@pytest.mark.parametrize("model", LAYERED_MODELS)
 def test_default_layers_exist(name, model):
-    defaults = getattr(MODEL_CLASSES[model], "default_layers", None)
-    if defaults is None:
-        pytest.skip(f"{model} does not pick backbone layers")
+    defaults = MODEL_CLASSES[model].default_layers
     layers = layers_or_default(name, None, defaults, model)
     assert resolve_layers(name, layers) == layers == defaults[name]
     strides = [BACKBONES[name]["strides"][layer] for layer in layers]

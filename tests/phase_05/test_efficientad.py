@@ -274,7 +274,7 @@ def test_end_to_end_run_separates_the_generated_category(tmp_path, separation):
     # model.padding=true: at 64 px the unpadded PDN gives an 8x8 map (the paper's setting is for 256 px), too
     # coarse for the generated defects: pixel AUROC 0.77 after 30-80 steps (image AUROC 1.0). Padded, its
     # 16x16 map scores image AUROC 1.0 and pixel AUROC 0.97 after 8-40 steps of batch 4 (measured, seed 42).
-    overrides = [o for o in separation.overrides(tmp_path) if not o.startswith("model.backbone=")]
+    overrides = separation.overrides(tmp_path, backbone=None)
     overrides += ["training.max_steps=12", "model.padding=true"]
     result = run_cli(["train", "--model", "efficientad", "--dataset", "demo", *overrides])
     assert result.code == 0, result.err

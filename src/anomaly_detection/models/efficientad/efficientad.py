@@ -7,10 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomaly_detection.config import FROM_YAML, fill_from_yaml
+from anomaly_detection.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from anomaly_detection.models.components import quantile_normalization, quantiles, upsample_map
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MODEL_SIZES = ("small", "medium")
 # torch.quantile's limit: larger tensors are sampled (components.quantiles)
 QUANTILE_LIMIT = 2 ** 24

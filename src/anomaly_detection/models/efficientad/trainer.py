@@ -1,5 +1,4 @@
 # src/anomaly_detection/models/efficientad/trainer.py
-import inspect
 import itertools
 import math
 from pathlib import Path
@@ -10,12 +9,12 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
 from anomaly_detection.config import FROM_YAML, fill_from_yaml
+from anomaly_detection.data.datasets import IMAGE_EXTENSIONS
 from anomaly_detection.data.transforms import resolve_normalization
 from anomaly_detection.models.efficientad.efficientad import EfficientADModel, size_pair
 from anomaly_detection.trainer import BaseTrainer, model_arguments, trainer_arguments
 from anomaly_detection.utils import logger
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm"}
 
 
 class EfficientADTrainer(BaseTrainer):
@@ -56,12 +55,10 @@ class EfficientADTrainer(BaseTrainer):
 
     @classmethod
     def build_model(cls, config, pretrained=None):
-        # model.imagenet_dir is the trainer's (penalty images), and a config written for the backbone models
-        # (backbone, weights) builds this model too: only the constructor's own arguments are passed
-        accepted = inspect.signature(EfficientADModel).parameters
-        arguments = {key: value for key, value in model_arguments(config, pretrained).items() if key in accepted}
-        image_size = config.get("data", {}).get("image_size", FROM_YAML)
-        return EfficientADModel(**arguments, image_size=image_size)
+        # model.imagenet_dir is the trainer's (the penalty images); the autoencoder's sizes follow the input's
+        arguments = model_arguments(config, pretrained)
+        arguments.pop("imagenet_dir")
+        return EfficientADModel(**arguments, image_size=config["data"]["image_size"])
 
     @classmethod
     def from_config(cls, config, model=None, **options):
@@ -178,7 +175,7 @@ def readable_images(folder):
         raise FileNotFoundError(f"model.imagenet_dir {folder} is not a folder of images")
     paths = []
     for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
             continue
         try:
             with Image.open(path) as image:
@@ -188,7 +185,7 @@ def readable_images(folder):
         paths.append(path)
     if not paths:
         raise ValueError(f"model.imagenet_dir {folder} holds no readable image (looked for "
-                         f"{', '.join(sorted(IMAGE_SUFFIXES))}, recursively)")
+                         f"{', '.join(sorted(IMAGE_EXTENSIONS))}, recursively)")
     return paths
 
 
