@@ -90,10 +90,10 @@ def test_every_registered_model_is_found():
     assert set(MODEL_CLASSES) == set(MODELS)
 
 
-@pytest.mark.parametrize("name", list(BACKBONES))
 LAYERED_MODELS = sorted(name for name, cls in MODEL_CLASSES.items() if hasattr(cls, "default_layers"))
 
 
+@pytest.mark.parametrize("name", list(BACKBONES))
 @pytest.mark.parametrize("model", LAYERED_MODELS)
 def test_default_layers_exist(name, model):
     defaults = MODEL_CLASSES[model].default_layers
