@@ -7,11 +7,9 @@ from anomaly_detection.trainer import BaseTrainer, model_arguments, trainer_argu
 
 
 def model_input_size(config):
-    # what the model sees: the center crop when there is one, else the resized image; a config without a
-    # data section (a model described by its model keys alone) takes the packaged data.image_size
-    data = config.get("data")
-    if data is None:
-        return FROM_YAML
+    # what the model sees (its LayerNorms are built for one size): the center crop when there is one,
+    # else the resized image
+    data = config["data"]
     return data["center_crop"] if data["center_crop"] is not None else data["image_size"]
 
 
