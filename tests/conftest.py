@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 # Height differs from width so a transposed axis shows up as a shape error.
@@ -216,3 +217,10 @@ def assert_separates(summary):
 def separation():
     return SimpleNamespace(bars=SEPARATION_BARS, check=assert_separates, overrides=run_overrides)
 
+
+@pytest.fixture(scope="session")
+def random_backbone_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("backbones")
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), root / "resnet18.pth")
+    return root

@@ -17,3 +17,14 @@ def run_cli(argv, entry=main):
 
 def json_lines(stdout):
     return [json.loads(line) for line in stdout.strip().splitlines() if line.startswith("{")]
+
+
+def assert_model_file_reproduces(summary, image):
+    # test and predict rebuild the model from model.pt alone: the same figures as the training run, and a score
+    result = run_cli(["test", "--checkpoint", summary["checkpoint"]])
+    assert result.code == 0, result.err
+    tested = json.loads(result.out.strip().splitlines()[-1])
+    assert tested["image_auroc"] == summary["image_auroc"] and tested["pixel_auroc"] == summary["pixel_auroc"]
+    result = run_cli(["predict", "--checkpoint", summary["checkpoint"], "--input", str(image)])
+    assert result.code == 0, result.err
+    assert json.loads(result.out.strip().splitlines()[0])["image_path"] == str(image)

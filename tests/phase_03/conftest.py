@@ -3,8 +3,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
-import torchvision
 
 
 @pytest.fixture(scope="session")
@@ -20,14 +18,6 @@ def tiny_run(tmp_path_factory, make_overrides, one_thread):
     return SimpleNamespace(root=root, overrides=overrides, config=config, summary=summary, dirs=dirs,
                            data_root=root / "data", category="demo",
                            model_path=dirs["checkpoints"] / "model.pt")
-
-
-@pytest.fixture(scope="session")
-def random_backbone_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("backbones")
-    torch.manual_seed(0)
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), root / "resnet18.pth")
-    return root
 
 
 @pytest.fixture(scope="session")

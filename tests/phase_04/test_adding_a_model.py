@@ -10,7 +10,7 @@ from anomaly_detection.models.backbones import FeatureExtractor, layers_or_defau
 from anomaly_detection.models.components import FittedBuffersMixin, upsample_map
 from anomaly_detection.trainer import OnePassTrainer, model_arguments
 from anomaly_detection.utils import PROJECT_ROOT
-from helpers import run_cli
+from helpers import assert_model_file_reproduces, run_cli
 
 # The worked example of docs/adding_a_model.md, registered through the same path a real model uses:
 # a YAML file in the config folder, one entry in MODELS, and the CLI's train / test / predict.
@@ -82,12 +82,4 @@ def test_a_new_model_trains_tests_and_predicts_through_the_cli(tmp_path, monkeyp
     assert state["model_class"] == "MeanDistanceModel" and state["threshold"]["num_images"] == 3
     assert state["model"]["feature_mean"].shape == (128, 8, 8)
 
-    result = run_cli(["test", "--checkpoint", summary["checkpoint"]])
-    assert result.code == 0, result.err
-    tested = json.loads(result.out.strip().splitlines()[-1])
-    assert tested["image_auroc"] == summary["image_auroc"] and tested["pixel_auroc"] == summary["pixel_auroc"]
-
-    images = sorted((tmp_path / "run" / "data" / "demo" / "test" / "good").glob("*.png"))[:2]
-    result = run_cli(["predict", "--checkpoint", summary["checkpoint"], "--input", str(images[0])])
-    assert result.code == 0, result.err
-    assert json.loads(result.out.strip().splitlines()[0])["image_path"] == str(images[0])
+    assert_model_file_reproduces(summary, sorted((tmp_path / "run" / "data" / "demo" / "test" / "good").glob("*.png"))[0])
