@@ -57,7 +57,7 @@ def build_parser():
                          help="folder for predictions.csv (written as images are scored) and heat-map figures")
     add_overrides(predict)
 
-    # sub-commands a model folder brings (EfficientAD's teacher distillation, say), named in models/__init__.py
+    # sub-commands a model folder brings (a teacher distillation, say), named in models/__init__.py
     from anomaly_detection.models import MODEL_COMMANDS
     for name, module in MODEL_COMMANDS.items():
         command = commands.add_parser(name, help=module_of(module).HELP)

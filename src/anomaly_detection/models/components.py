@@ -55,8 +55,8 @@ class FittedBuffersMixin:
 
 
 def quantile_normalization(values, low, high, target=1.0):
-    # maps the normal data's `low` quantile to 0 and its `high` quantile to `target` (EfficientAD uses
-    # 0.9 -> 0 and 0.995 -> 0.1); values outside stay outside, so an anomaly keeps its margin
+    # maps the normal data's `low` quantile to 0 and its `high` quantile to `target` (0.9 -> 0 and 0.995 -> 0.1
+    # in the millisecond-latency student-teacher paper); values outside stay outside, so an anomaly keeps its margin
     scale = torch.as_tensor(high, dtype=values.dtype, device=values.device) - low
     return target * (values - low) / scale.clamp_min(torch.finfo(values.dtype).eps)
 
