@@ -4,6 +4,8 @@ import json
 from contextlib import redirect_stderr, redirect_stdout
 from types import SimpleNamespace
 
+import torch
+
 from anomaly_detection.cli import main
 
 
@@ -28,3 +30,27 @@ def assert_model_file_reproduces(summary, image):
     result = run_cli(["predict", "--checkpoint", summary["checkpoint"], "--input", str(image)])
     assert result.code == 0, result.err
     assert json.loads(result.out.strip().splitlines()[0])["image_path"] == str(image)
+
+
+def fixed_batch_losses(trainer, batch, steps=6):
+    # the training loss of `steps` optimizer steps on one fixed batch, through the trainer's own step
+    trainer._set_optimizers(trainer.configure_optimizers())
+    trainer.model.train()
+    losses = []
+    for step in range(steps):
+        _, loss = trainer.training_batch(batch, step, epoch=0)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def assert_rebuilt_model_scores_the_same(trainer_class, config, model, images):
+    # build_model(config, pretrained=False) + the saved state_dict is the whole trained model
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    rebuilt = trainer_class.build_model(config, pretrained=False)
+    rebuilt.load_state_dict(torch.load(buffer, weights_only=True))
+    with torch.no_grad():
+        expected, actual = model.eval()(images), rebuilt.eval()(images)
+    assert torch.equal(expected["pred_score"], actual["pred_score"])
+    assert torch.equal(expected["anomaly_map"], actual["anomaly_map"])

@@ -9,7 +9,7 @@ import torch
 from anomaly_detection.allocator import configure_cpu_allocator
 from anomaly_detection.data.datasets import DatasetError, ImageReadError, load_image_raw
 from anomaly_detection.runner import build_transforms, load_model_file
-from anomaly_detection.utils import logger, resolve_device
+from anomaly_detection.utils import OUTPUT_FILE_MODE, logger, resolve_device
 
 CSV_COLUMNS = ("image_path", "score", "anomalous", "figure", "error")
 
@@ -83,8 +83,8 @@ class PredictionTable:
     def __init__(self, path):
         self.path = Path(path)
         # 0600 from the start, whatever the umask, as every other output file
-        descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(descriptor, 0o600)
+        descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, OUTPUT_FILE_MODE)
+        os.fchmod(descriptor, OUTPUT_FILE_MODE)
         self.handle = os.fdopen(descriptor, "w", newline="")
         self.writer = csv.DictWriter(self.handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         self.writer.writeheader()

@@ -11,7 +11,9 @@ import torch
 from tqdm.auto import tqdm
 
 from anomaly_detection import __version__
-from anomaly_detection.utils import atomic_torch_save, json_safe, logger, resolve_device, seed_everything
+from anomaly_detection.utils import (
+    OUTPUT_FILE_MODE, atomic_torch_save, json_safe, logger, resolve_device, seed_everything,
+)
 
 CHECKPOINT_FORMAT = 1
 
@@ -251,7 +253,7 @@ class BaseTrainer:
             self.writer = SummaryWriter(str(self.log_dir))
             # the event file is created at once, with the umask's mode: 0600 like every other output file
             for path in self.log_dir.glob("events.out.tfevents.*"):
-                os.chmod(path, 0o600)
+                os.chmod(path, OUTPUT_FILE_MODE)
 
     def _close_writer(self):
         if self.writer is not None:

@@ -14,6 +14,7 @@ from anomaly_detection.data.synthetic import generate_synthetic_category
 from anomaly_detection.evaluator import Evaluator
 from anomaly_detection.models.stfpm import STFPMLoss, STFPMModel, STFPMTrainer, compute_anomaly_map
 from anomaly_detection.runner import build_loaders, load_model_file
+from helpers import fixed_batch_losses
 
 LAYERS = ["layer1", "layer2", "layer3"]
 
@@ -73,13 +74,7 @@ def test_teacher_frozen_student_trainable():
 def test_loss_decreases_on_a_fixed_batch():
     model = random_model(seed=1)
     trainer = STFPMTrainer(model, STFPMLoss(), device="cpu", learning_rate=0.4, progress_bar=False)
-    trainer._set_optimizers(trainer.configure_optimizers())
-    batch = {"image": fixed_batch(count=4, seed=2)}
-    losses = []
-    model.train()
-    for step in range(6):
-        _, loss = trainer.training_batch(batch, step, epoch=0)
-        losses.append(float(loss.detach()))
+    losses = fixed_batch_losses(trainer, {"image": fixed_batch(count=4, seed=2)})
     assert losses[-1] < 0.8 * losses[0]
     assert all(math.isfinite(value) for value in losses)
 

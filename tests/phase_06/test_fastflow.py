@@ -14,7 +14,9 @@ from anomaly_detection.models.fastflow import (AffineCoupling, FastFlowLoss, Fas
                                                NormalizingFlow2d)
 from anomaly_detection.models.fastflow.fastflow import DEFAULT_LAYERS
 from anomaly_detection.utils import PROJECT_ROOT
-from helpers import assert_model_file_reproduces, run_cli
+from helpers import (
+    assert_model_file_reproduces, assert_rebuilt_model_scores_the_same, fixed_batch_losses, run_cli,
+)
 
 
 def random_model(backbone="resnet18", input_size=32, seed=0, **options):
@@ -118,35 +120,21 @@ def test_only_norms_and_flows_train_and_the_loss_decreases():
     trainer._set_optimizers(trainer.configure_optimizers())
     trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert trained == {id(p) for p in list(model.norms.parameters()) + list(model.flows.parameters())}
-    batch = {"image": fixed_batch(count=4, seed=7)}
-    losses = []
-    model.train()
-    for step in range(6):
-        _, loss = trainer.training_batch(batch, step, epoch=0)
-        losses.append(float(loss.detach()))
+    losses = fixed_batch_losses(trainer, {"image": fixed_batch(count=4, seed=7)})
     assert all(math.isfinite(value) for value in losses) and losses[-1] < losses[0] - 0.05 * abs(losses[0])
     for key, value in model.feature_extractor.state_dict().items():
         assert torch.equal(value, backbone_before[key]), key
 
 
-def test_state_dict_round_trip_through_build_model(tmp_path):
+def test_state_dict_round_trip_through_build_model():
     config = load_experiment_config("fastflow", "mvtec", ["model.backbone=resnet18", "model.pretrained=false",
                                                           "data.image_size=[32, 40]", "training.progress_bar=false"])
     assert MODELS["fastflow"] is FastFlowTrainer
     model = FastFlowTrainer.build_model(config)
     assert model.input_size == (32, 40)
     trainer = FastFlowTrainer.from_config(config, model=model)
-    trainer._set_optimizers(trainer.configure_optimizers())
-    model.train()
-    trainer.training_batch({"image": fixed_batch((32, 40), count=2, seed=8)}, 0, epoch=0)
-    torch.save(model.state_dict(), tmp_path / "weights.pt")
-    rebuilt = FastFlowTrainer.build_model(config, pretrained=False)
-    rebuilt.load_state_dict(torch.load(tmp_path / "weights.pt", weights_only=True))
-    images = fixed_batch((32, 40), seed=9)
-    with torch.no_grad():
-        expected, actual = model.eval()(images), rebuilt.eval()(images)
-    assert torch.equal(expected["pred_score"], actual["pred_score"])
-    assert torch.equal(expected["anomaly_map"], actual["anomaly_map"])
+    fixed_batch_losses(trainer, {"image": fixed_batch((32, 40), count=2, seed=8)}, steps=1)
+    assert_rebuilt_model_scores_the_same(FastFlowTrainer, config, model, fixed_batch((32, 40), seed=9))
     cropped = load_experiment_config("fastflow", "mvtec", ["model.pretrained=false", "data.image_size=48",
                                                            "data.center_crop=32"])
     assert FastFlowTrainer.build_model(cropped).input_size == (32, 32)

@@ -15,7 +15,9 @@ from anomaly_detection.models.reverse_distillation import (ReverseDistillationLo
                                                            ReverseDistillationTrainer)
 from anomaly_detection.models.reverse_distillation.reverse_distillation import DEFAULT_LAYERS
 from anomaly_detection.utils import PROJECT_ROOT
-from helpers import assert_model_file_reproduces, run_cli
+from helpers import (
+    assert_model_file_reproduces, assert_rebuilt_model_scores_the_same, fixed_batch_losses, run_cli,
+)
 
 
 def random_model(backbone="resnet18", seed=0, **options):
@@ -105,36 +107,22 @@ def test_only_bottleneck_and_decoder_train_and_the_loss_decreases():
     trainer._set_optimizers(trainer.configure_optimizers())
     trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert trained == {id(p) for p in list(model.bottleneck.parameters()) + list(model.decoder.parameters())}
-    batch = {"image": fixed_batch(count=4, seed=5)}
-    losses = []
-    model.train()
-    for step in range(6):
-        _, loss = trainer.training_batch(batch, step, epoch=0)
-        losses.append(float(loss.detach()))
+    losses = fixed_batch_losses(trainer, {"image": fixed_batch(count=4, seed=5)})
     assert all(math.isfinite(value) for value in losses) and losses[-1] < 0.7 * losses[0]
     assert not model.encoder.training
     for key, value in model.encoder.state_dict().items():
         assert torch.equal(value, encoder_before[key]), key
 
 
-def test_state_dict_round_trip_through_build_model(tmp_path):
+def test_state_dict_round_trip_through_build_model():
     config = load_experiment_config("reverse_distillation", "mvtec", ["model.backbone=resnet18",
                                                                       "model.pretrained=false",
                                                                       "training.progress_bar=false"])
     assert MODELS["reverse_distillation"] is ReverseDistillationTrainer
     model = ReverseDistillationTrainer.build_model(config)
     trainer = ReverseDistillationTrainer.from_config(config, model=model)
-    trainer._set_optimizers(trainer.configure_optimizers())
-    model.train()
-    trainer.training_batch({"image": fixed_batch(count=2, seed=6)}, 0, epoch=0)
-    torch.save(model.state_dict(), tmp_path / "weights.pt")
-    rebuilt = ReverseDistillationTrainer.build_model(config, pretrained=False)
-    rebuilt.load_state_dict(torch.load(tmp_path / "weights.pt", weights_only=True))
-    images = fixed_batch((32, 32), seed=7)
-    with torch.no_grad():
-        expected, actual = model.eval()(images), rebuilt.eval()(images)
-    assert torch.equal(expected["pred_score"], actual["pred_score"])
-    assert torch.equal(expected["anomaly_map"], actual["anomaly_map"])
+    fixed_batch_losses(trainer, {"image": fixed_batch(count=2, seed=6)}, steps=1)
+    assert_rebuilt_model_scores_the_same(ReverseDistillationTrainer, config, model, fixed_batch((32, 32), seed=7))
 
 
 def test_python_defaults_come_from_the_yaml():
