@@ -125,9 +125,70 @@ def test_state_dict_round_trip_through_build_model():
     assert_rebuilt_model_scores_the_same(ReverseDistillationTrainer, config, model, fixed_batch((32, 32), seed=7))
 
 
+def train_decoder(model, batches):
+    model.train()
+    optimizer = torch.optim.Adam(list(model.bottleneck.parameters()) + list(model.decoder.parameters()), lr=0.005)
+    for images in batches:
+        optimizer.zero_grad()
+        ReverseDistillationLoss()(*model(images)).backward()
+        optimizer.step()
+    return {**model.bottleneck.state_dict(), **{f"decoder.{k}": v for k, v in model.decoder.state_dict().items()}}
+
+
+def saved_activation_bytes(model, images):
+    # the storages autograd keeps for the backward pass, weights left out
+    weights = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in weights:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        ReverseDistillationLoss()(*model(images))
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "tf_efficientnet_lite0"])
+def test_checkpointed_decoder_trains_to_the_same_weights_with_less_memory(backbone):
+    plain = random_model(backbone, seed=8)
+    checkpointed = random_model(backbone, seed=8, activation_checkpointing=True)
+    batches = [fixed_batch((64, 64), count=2, seed=seed) for seed in (9, 10)]
+    expected, actual = train_decoder(plain, batches), train_decoder(checkpointed, batches)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        # running statistics and counters included: the recomputed forward pass does not update them twice
+        assert torch.allclose(expected[key].float(), actual[key].float(), rtol=1e-4, atol=1e-6), key
+    images = fixed_batch((64, 64), count=2, seed=11)
+    assert saved_activation_bytes(checkpointed, images) < 0.5 * saved_activation_bytes(plain, images)
+
+
+def test_channels_last_maps_give_the_same_loss_as_contiguous_ones():
+    generator = torch.Generator().manual_seed(12)
+    encoded = [torch.randn(2, 8, 6, 5, generator=generator)]
+    decoded = [torch.randn(2, 8, 6, 5, generator=generator)]
+    contiguous = ReverseDistillationLoss()(encoded, decoded)
+    channels_last = ReverseDistillationLoss()([t.contiguous(memory_format=torch.channels_last) for t in encoded],
+                                              [t.contiguous(memory_format=torch.channels_last) for t in decoded])
+    assert float(channels_last) == pytest.approx(float(contiguous), rel=1e-6)
+    # the model keeps its convolutions channels-last, and its output does not depend on the input's layout
+    model = random_model(seed=13).eval()
+    assert model.decoder.stages[0][0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    images = fixed_batch((32, 32), seed=14)
+    with torch.no_grad():
+        assert torch.allclose(model(images)["anomaly_map"],
+                              model(images.contiguous(memory_format=torch.channels_last))["anomaly_map"], atol=1e-6)
+
+
 def test_python_defaults_come_from_the_yaml():
     model = ReverseDistillationModel(backbone="resnet18", pretrained=False)
     assert model.blur_sigma == 4.0 and model.layers == ["layer1", "layer2", "layer3"]
+    config = load_experiment_config("reverse_distillation", "mvtec", ["model.backbone=resnet18",
+                                                                      "model.pretrained=false"])
+    assert config["training"]["activation_checkpointing"] is True and config["cpu_allocator"] == "release"
+    assert ReverseDistillationTrainer.build_model(config).activation_checkpointing
 
 
 @pytest.mark.parametrize("options, match", [
@@ -140,6 +201,8 @@ def test_bad_values_are_value_errors(options, match):
         random_model(**options)
     with pytest.raises(ValueError, match="training.betas"):
         ReverseDistillationTrainer(random_model(), device="cpu", betas=[0.5])
+    with pytest.raises(ValueError, match="activation_checkpointing must be true or false, got 'yes'"):
+        random_model(activation_checkpointing="yes")
 
 
 def test_cli_run_separates_the_generated_defects(tmp_path, separation):

@@ -19,7 +19,8 @@ class ReverseDistillationTrainer(BaseTrainer):
 
     @classmethod
     def build_model(cls, config, pretrained=None):
-        return ReverseDistillationModel(**model_arguments(config, pretrained))
+        return ReverseDistillationModel(**model_arguments(config, pretrained),
+                                        activation_checkpointing=config["training"]["activation_checkpointing"])
 
     @classmethod
     def from_config(cls, config, model=None, **options):
