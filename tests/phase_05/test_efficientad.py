@@ -290,3 +290,26 @@ def test_end_to_end_run_separates_the_generated_category(tmp_path, separation):
     assert torch.allclose(model.st_quantiles, quantiles(torch.cat([m[0] for m in maps]), [0.9, 0.995]))
     assert torch.allclose(model.ae_quantiles, quantiles(torch.cat([m[1] for m in maps]), [0.9, 0.995]))
     assert state["threshold"]["num_images"] == len(val_loader.dataset)
+
+
+# ---- speed and memory measures ------------------------------------------------------------------------------
+def test_inference_in_chunks_gives_the_batch_result_and_networks_are_channels_last():
+    model = random_model(seed=13, padding=True).eval()
+    assert model.student.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    batch = images(6, seed=14)
+    with torch.no_grad():
+        chunked = model(batch)
+        one_by_one = [model(image[None]) for image in batch]
+    assert torch.allclose(chunked["anomaly_map"], torch.cat([out["anomaly_map"] for out in one_by_one]), atol=1e-6)
+    assert chunked["anomaly_map"].shape == (6, 1, SIZE, SIZE)
+
+
+def test_losses_stay_float32_under_bfloat16_autocast():
+    model = random_model(seed=15, padding=True).train()
+    config = load_experiment_config("efficientad", "mvtec", [])
+    assert config["training"]["mixed_precision"] is True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model.training_losses(images(1, seed=16), images(1, seed=17), images(1, seed=18))
+    assert all(value.dtype == torch.float32 for value in losses.values())
+    losses["loss"].backward()
+    assert all(p.grad is not None for p in model.student.parameters())

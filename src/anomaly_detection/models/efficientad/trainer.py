@@ -1,6 +1,7 @@
 # src/anomaly_detection/models/efficientad/trainer.py
 import itertools
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -103,8 +104,11 @@ class EfficientADTrainer(BaseTrainer):
     def on_fit_start(self):
         if self._resuming:
             return  # the checkpoint holds the statistics of the images it was trained on
+        started = time.perf_counter()
         self.model.eval()
         self.model.fit_teacher_statistics(batch["image"].to(self.device) for batch in self._train_loader)
+        logger.info("EfficientAD teacher statistics over the training images: teacher_statistics_s=%.2f",
+                    time.perf_counter() - started)
 
     def on_train_epoch_end(self, epoch, train_loss):
         if self._val_loader is None and epoch == self._num_epochs - 1:
@@ -144,7 +148,10 @@ class EfficientADTrainer(BaseTrainer):
 
     def validation_step(self, batch, batch_idx):
         images = batch["image"].to(self.device, non_blocking=True)
-        map_st, map_ae, loss = self.model.raw_maps(images, with_loss=True)
+        # float32 as at inference (the evaluator does not autocast): the quantiles must describe the maps
+        # they will normalise, also when training runs in bfloat16
+        with torch.autocast(self.device.type, enabled=False):
+            map_st, map_ae, loss = self.model.raw_maps(images, with_loss=True)
         self._maps[0].append(map_st.float().cpu())
         self._maps[1].append(map_ae.float().cpu())
         return {"loss": loss.detach(), "batch_size": images.shape[0]}
