@@ -74,6 +74,35 @@ def test_eval_stfpm_notebook_runs_on_a_tiny_model(tiny_run, kernel_env, tmp_path
     assert "image_auroc" in html and "aupro" in html
 
 
+def test_eval_notebook_shows_efficientad_maps_and_their_saved_quantiles(separation, one_thread, kernel_env,
+                                                                        tmp_path):
+    from anomaly_detection.runner import build_config, train_and_evaluate
+
+    # padded PDN: at 64 px the unpadded one leaves an 8x8 map
+    overrides = separation.overrides(tmp_path / "run", image_size=64, num_train=12, num_test_good=4,
+                                     num_test_defect=2, figures=True, backbone=None)
+    overrides += ["training.max_steps=4", "model.padding=true", "model.pretrained=false"]
+    with one_thread():
+        summary = train_and_evaluate(build_config("efficientad", "demo", overrides))
+    kernel_env.setenv("ANOMALY_DETECTION_NOTEBOOK_CHECKPOINT", summary["checkpoint"])
+    report = ("import json\n"
+              "print('REPORT ' + json.dumps({'image_auroc': metrics['image_auroc'], "
+              "'st': model.st_quantiles.tolist(), 'ae': model.ae_quantiles.tolist()}))")
+    notebook = execute("eval_stfpm.ipynb", tmp_path, [report])
+    assert not outputs_of(notebook, "error")
+    text = stream_text(notebook)
+    assert "model efficientad (EfficientADModel): model_size small" in text
+    line = [row for row in text.splitlines() if row.startswith("REPORT ")][-1]
+    report = json.loads(line[len("REPORT "):])
+    assert report["image_auroc"] == pytest.approx(summary["image_auroc"], rel=1e-5)
+    # the quantiles printed are the ones fitted on the validation images and saved in model.pt
+    assert f"student-teacher map quantiles (q_a, q_b): {[round(v, 5) for v in report['st']]}" in text
+    assert f"autoencoder map quantiles (q_a, q_b):     {[round(v, 5) for v in report['ae']]}" in text
+    assert report["st"][1] != 0.1
+    # ROC/histogram, heat maps and the EfficientAD figure
+    assert image_count(notebook) >= 3
+
+
 def test_dataset_statistics_notebook_runs_on_generated_data(tiny_run, kernel_env, tmp_path):
     kernel_env.setenv("ANOMALY_DETECTION_NOTEBOOK_ROOT", str(tiny_run.data_root))
     kernel_env.setenv("ANOMALY_DETECTION_NOTEBOOK_CATEGORY", tiny_run.category)
