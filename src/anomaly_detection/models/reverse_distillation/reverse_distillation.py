@@ -193,7 +193,7 @@ class ReverseDistillationModel(nn.Module):
         self.to(memory_format=torch.channels_last)
 
     def extract(self, images):
-        images = images.contiguous(memory_format=torch.channels_last)
+        # the encoder (FeatureExtractor) takes the images channels-last itself
         with torch.no_grad():
             encoded = self.encoder(images)
         encoder_features = [encoded[layer].float() for layer in self.layers]
