@@ -39,6 +39,12 @@ def stream_text(notebook):
     return "".join(out.get("text", "") for out in outputs_of(notebook, "stream"))
 
 
+def printed_report(text):
+    # the JSON a test's extra cell printed after "REPORT "
+    line = [row for row in text.splitlines() if row.startswith("REPORT ")][-1]
+    return json.loads(line[len("REPORT "):])
+
+
 def image_count(notebook):
     return sum("image/png" in out.get("data", {}) for out in outputs_of(notebook))
 
@@ -59,8 +65,7 @@ def test_eval_stfpm_notebook_runs_on_a_tiny_model(tiny_run, kernel_env, tmp_path
     notebook = execute("eval_stfpm.ipynb", tmp_path, [report])
     assert not outputs_of(notebook, "error")
     text = stream_text(notebook)
-    line = [row for row in text.splitlines() if row.startswith("REPORT ")][-1]
-    report = json.loads(line[len("REPORT "):])
+    report = printed_report(text)
     assert report["checkpoint"] == str(tiny_run.model_path)
     for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max"):
         assert report["metrics"][key] == pytest.approx(tiny_run.summary[key], rel=1e-5), key
@@ -92,8 +97,7 @@ def test_eval_notebook_shows_efficientad_maps_and_their_saved_quantiles(separati
     assert not outputs_of(notebook, "error")
     text = stream_text(notebook)
     assert "model efficientad (EfficientADModel): model_size small" in text
-    line = [row for row in text.splitlines() if row.startswith("REPORT ")][-1]
-    report = json.loads(line[len("REPORT "):])
+    report = printed_report(text)
     assert report["image_auroc"] == pytest.approx(summary["image_auroc"], rel=1e-5)
     # the quantiles printed are the ones fitted on the validation images and saved in model.pt
     assert f"student-teacher map quantiles (q_a, q_b): {[round(v, 5) for v in report['st']]}" in text
