@@ -50,12 +50,20 @@ def build_parser():
     test.add_argument("--checkpoint", required=True)
     add_overrides(test)
 
-    predict = commands.add_parser("predict", help="score new images with a saved checkpoint")
-    predict.add_argument("--checkpoint", required=True)
-    predict.add_argument("--input", required=True, help="an image file or a folder of images")
-    predict.add_argument("--output", default=None,
-                         help="folder for predictions.csv (written as images are scored) and heat-map figures")
+    predict = commands.add_parser("predict", help="score new images with a model.pt or an exported model")
+    predict.add_argument("--checkpoint", required=True,
+                         help="a model.pt, an exported .onnx, an OpenVINO .xml or a .torchscript file")
+    predict.add_argument("--input", required=True, help="an image file, or a folder (searched recursively)")
+    predict.add_argument("--output", default=None, help="folder for predictions.csv, written as images are scored")
+    predict.add_argument("--heatmaps", action="store_true", help="also write a heat-map overlay per image "
+                                                                 "under <output>/heatmaps")
+    predict.add_argument("--batch-size", type=int, default=16)
     add_overrides(predict)
+
+    # commands whose code lives in a module of their own: HELP, add_arguments(parser) and run(args)
+    for name, module in MODULE_COMMANDS.items():
+        command = commands.add_parser(name, help=module_of(module).HELP)
+        module_of(module).add_arguments(command)
 
     # sub-commands a model folder brings (a teacher distillation, say), named in models/__init__.py
     from anomaly_detection.models import MODEL_COMMANDS
@@ -67,6 +75,13 @@ def build_parser():
                                help=f"generated data -> {DEFAULT_MODEL} (pretrained EfficientNet-Lite0) -> metrics")
     add_overrides(demo)
     return parser
+
+
+# commands that are a module of their own (HELP, add_arguments, run)
+MODULE_COMMANDS = {
+    "export": "anomaly_detection.export",
+    "benchmark": "anomaly_detection.benchmark",
+}
 
 
 def module_of(name):
@@ -139,19 +154,18 @@ def run_test(args):
 
 
 def run_predict(args):
-    from anomaly_detection.data.datasets import list_images
-    from anomaly_detection.predict import PredictionTable, check_output_folder, predict_images
-    source = Path(args.input)
-    if not source.exists():
-        raise FileNotFoundError(f"--input {source} does not exist")
-    paths = list_images(source) if source.is_dir() else [source]
-    if not paths:
-        raise FileNotFoundError(f"No images found at {source}")
+    from anomaly_detection.predict import PredictionTable, check_output_folder, find_images, predict_images
+    from anomaly_detection.runtimes import open_model
+    if args.heatmaps and not args.output:
+        raise ValueError("--heatmaps needs --output: the overlays are written under <output>/heatmaps")
+    paths = find_images(args.input)
     output = check_output_folder(args.output) if args.output else None
+    opened = open_model(args.checkpoint, args.overrides)
     table = PredictionTable(output / "predictions.csv") if output else None
-    counts = {"images": len(paths), "scored": 0, "anomalous": 0, "skipped": 0}
+    counts = {"images": len(paths), "scored": 0, "anomalous": 0, "skipped": 0, "runtime": opened.runtime.name}
     try:
-        for record in predict_images(args.checkpoint, paths, output, args.overrides):
+        for record in predict_images(opened, paths, output / "heatmaps" if args.heatmaps else None,
+                                     input_root=args.input, batch_size=args.batch_size):
             print(to_json(record), flush=True)
             if table is not None:
                 table.write(record)
@@ -159,7 +173,7 @@ def run_predict(args):
                 counts["skipped"] += 1
             else:
                 counts["scored"] += 1
-                counts["anomalous"] += int(bool(record.get("anomalous")))
+                counts["anomalous"] += int(record.get("pred_label") == 1)
     finally:
         if table is not None:
             table.close()
@@ -183,9 +197,10 @@ def main(argv=None):
     from anomaly_detection.models import MODEL_COMMANDS
     args = build_parser().parse_args(argv)
     setup_logging()
+    modules = dict(MODULE_COMMANDS, **MODEL_COMMANDS)
     try:
-        if args.command in MODEL_COMMANDS:
-            result = module_of(MODEL_COMMANDS[args.command]).run(args)
+        if args.command in modules:
+            result = module_of(modules[args.command]).run(args)
         else:
             result = COMMANDS[args.command](args)
     except (FileNotFoundError, ValueError, RuntimeError, OSError, FloatingPointError) as error:

@@ -1,17 +1,19 @@
 # src/anomaly_detection/predict.py
+"""Scoring new images with any model file (model.pt, .onnx, OpenVINO .xml, .torchscript): batched, record by
+record, an unreadable image named and skipped while the rest are scored."""
 import csv
 import math
 import os
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from anomaly_detection.allocator import configure_cpu_allocator
-from anomaly_detection.data.datasets import DatasetError, ImageReadError, load_image_raw
-from anomaly_detection.runner import build_transforms, load_model_file
-from anomaly_detection.utils import OUTPUT_FILE_MODE, logger, resolve_device
+from anomaly_detection.data.datasets import IMAGE_EXTENSIONS, DatasetError, ImageReadError, load_image_raw
+from anomaly_detection.utils import OUTPUT_FILE_MODE, logger
 
-CSV_COLUMNS = ("image_path", "score", "anomalous", "figure", "error")
+CSV_COLUMNS = ("image_path", "pred_score", "pred_label", "heatmap", "error")
+DEFAULT_BATCH_SIZE = 16
 
 
 def check_output_folder(folder):
@@ -26,56 +28,88 @@ def check_output_folder(folder):
     return folder
 
 
-def usable_threshold(state, path):
-    threshold = state.get("threshold")
-    if not threshold:
-        logger.warning("%s has no threshold (it was not calibrated): scores only, no anomalous/normal verdict", path)
-        return None
-    for key in ("image_threshold", "pixel_threshold"):
-        value = threshold.get(key)
-        if value is None or not math.isfinite(float(value)):
-            raise ValueError(f"{path} holds {key}={value}: a model with a non-finite threshold would call every "
-                             "image normal. Retrain it (the run diverged)")
-    return threshold
+def find_images(source):
+    # a file, or every image under a folder, its sub-folders included, in a stable order; a broken link with an
+    # image's name is kept, so it is reported as skipped rather than silently missing
+    source = Path(source)
+    if not source.exists() and not source.is_symlink():
+        raise FileNotFoundError(f"--input {source} does not exist")
+    if not source.is_dir():
+        return [source]
+    paths = sorted(path for path in source.rglob("*")
+                   if path.suffix.lower() in IMAGE_EXTENSIONS and not path.is_dir())
+    if not paths:
+        raise FileNotFoundError(f"No images found under {source} (searched recursively for "
+                                f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return paths
 
 
-def predict_images(checkpoint_path, image_paths, output_dir=None, overrides=None, config_dir=None):
-    # yields one record per image, as soon as it is scored: an unreadable image gives a record with an
-    # "error" and the rest are still scored
-    model, config, state = load_model_file(checkpoint_path, overrides, config_dir)
-    threshold = usable_threshold(state, checkpoint_path)
-    configure_cpu_allocator(config["cpu_allocator"])
-    _, transform = build_transforms(config)
-    device = resolve_device(config["device"])
-    model = model.to(device).eval()
-    mean, std = config["data"]["normalization"]
-    for path in image_paths:
+def heatmap_path(heatmap_dir, path, input_root):
+    # the input's sub-folders are kept, so two images with the same name in different folders keep both figures
+    path = Path(path)
+    try:
+        relative = path.relative_to(input_root) if input_root is not None and Path(input_root).is_dir() else \
+            Path(path.name)
+    except ValueError:
+        relative = Path(path.name)
+    return Path(heatmap_dir) / relative.parent / f"{relative.stem}_heatmap.png"
+
+
+def predict_images(opened, image_paths, heatmap_dir=None, input_root=None, batch_size=DEFAULT_BATCH_SIZE,
+                   progress=None):
+    # yields one record per image, in input order, as soon as its batch is scored
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
+    transform = opened.transform()
+    pending, readable = [], 0
+    for path in tqdm(image_paths, desc="predict", unit="img", disable=progress is False or None):
         try:
-            image = transform(load_image_raw(path))
-        except (ImageReadError, DatasetError) as error:
+            pending.append((path, transform(load_image_raw(path)), None))
+            readable += 1
+        except (ImageReadError, DatasetError, OSError) as error:
             logger.warning("skipped %s: %s", path, error)
-            yield {"image_path": str(path), "error": str(error)}
+            pending.append((path, None, str(error)))
+        if readable == batch_size:
+            yield from score_batch(opened, pending, heatmap_dir, input_root)
+            pending, readable = [], 0
+    if pending:
+        yield from score_batch(opened, pending, heatmap_dir, input_root)
+
+
+def score_batch(opened, entries, heatmap_dir, input_root):
+    threshold = opened.threshold
+    images = [image for _, image, _ in entries if image is not None]
+    outputs = opened.runtime.run(torch.stack(images), threshold["image_threshold"] if threshold else math.inf) \
+        if images else None
+    position = 0
+    for path, image, error in entries:
+        if image is None:
+            yield {"image_path": str(path), "error": error}
             continue
-        with torch.no_grad():
-            outputs = model(image[None].to(device))
-        score = float(outputs["pred_score"][0])
-        record = {"image_path": str(path), "score": score}
+        score = float(outputs["pred_score"][position])
+        record = {"image_path": str(path), "pred_score": score}
         if not math.isfinite(score):
             record["error"] = f"the model gave a non-finite score ({score}) for this image"
             logger.warning("%s: %s", path, record["error"])
-            yield record
-            continue
-        if threshold is not None:
-            record["anomalous"] = bool(score >= threshold["image_threshold"])
-        if output_dir is not None:
-            from anomaly_detection.metrics import denormalize_image, plot_anomaly_panel
-            anomaly_map = outputs["anomaly_map"][0, 0].float().cpu().numpy()
-            figure_path = Path(output_dir) / f"{Path(path).stem}_prediction.png"
-            level = threshold["pixel_threshold"] if threshold is not None else float(anomaly_map.max())
-            plot_anomaly_panel(denormalize_image(image, mean, std), anomaly_map * 0, anomaly_map, level,
-                               f"{Path(path).name} score {score:.4g}", figure_path)
-            record["figure"] = str(figure_path)
+        else:
+            if threshold is not None:
+                record["pred_label"] = int(bool(outputs["pred_label"][position]))
+            if heatmap_dir is not None:
+                record["heatmap"] = str(save_heatmap(opened, image, outputs["anomaly_map"][position], score,
+                                                     heatmap_path(heatmap_dir, path, input_root)))
+        position += 1
         yield record
+
+
+def save_heatmap(opened, image, anomaly_map, score, path):
+    from anomaly_detection.metrics import denormalize_image, plot_heatmap_overlay
+    anomaly_map = torch.as_tensor(anomaly_map)[0].float().numpy()
+    level = opened.threshold["pixel_threshold"] if opened.threshold is not None else None
+    verdict = "" if opened.threshold is None else \
+        (" anomalous" if score >= opened.threshold["image_threshold"] else " normal")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return plot_heatmap_overlay(denormalize_image(image, opened.mean, opened.std), anomaly_map, level,
+                                f"{path.stem[:-len('_heatmap')]}: score {score:.4g}{verdict}", path)
 
 
 class PredictionTable:

@@ -69,6 +69,13 @@ class BaseTrainer:
                                   "to be trained from a config (anomaly_detection.models.MODELS)")
 
     @classmethod
+    def exportable_model(cls, model):
+        # the module `anomaly-detection export` traces: the model itself, unless its scoring has loops sized by
+        # the batch or operations a traced graph cannot keep; then the model folder's export.py gives one that
+        # computes the same scores with shapes fixed at export time
+        return model
+
+    @classmethod
     def from_config(cls, config, model=None, **options):
         model = model if model is not None else cls.build_model(config)
         return cls(model, **trainer_arguments(config), **options)

@@ -79,7 +79,7 @@ def test_checkpoint_without_threshold_says_so_once_and_gives_no_verdict(model_fi
                           str(good_images(tiny_run)[0].parent)])
     assert result.code == 0
     records = json_lines(result.out)[:-1]
-    assert records and all("anomalous" not in record and record["score"] >= 0 for record in records)
+    assert records and all("pred_label" not in record and record["pred_score"] >= 0 for record in records)
     notes = [r.message for r in caplog.records if "has no threshold" in r.message]
     assert len(notes) == 1
 
@@ -190,7 +190,7 @@ def test_one_truncated_image_among_good_ones_is_skipped_and_the_rest_are_scored(
     summary = records.pop()
     assert summary["scored"] == 3 and summary["skipped"] == 1 and summary["images"] == 4
     assert [r for r in records if "error" in r][0]["image_path"] == str(broken)
-    assert all(isinstance(r["score"], float) for r in records if "error" not in r)
+    assert all(isinstance(r["pred_score"], float) for r in records if "error" not in r)
     assert any(str(broken) in r.message for r in caplog.records)
     rows = (output / "predictions.csv").read_text().splitlines()
     assert len(rows) == 5 and str(broken) in rows[-1]
@@ -234,7 +234,7 @@ def test_grey_and_rgba_images_are_scored_like_rgb(tiny_run, tmp_path):
     Image.fromarray(array).convert("RGBA").save(tmp_path / "rgba.png")
     result = run_cli(["predict", "--checkpoint", str(tiny_run.model_path), "--input", str(tmp_path)])
     assert result.code == 0
-    assert all(np.isfinite(r["score"]) for r in json_lines(result.out)[:-1])
+    assert all(np.isfinite(r["pred_score"]) for r in json_lines(result.out)[:-1])
 
 
 # ---- command-line values -------------------------------------------------------------------------------------

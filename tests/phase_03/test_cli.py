@@ -109,22 +109,24 @@ def test_predict_scores_a_folder_and_a_file(trained, cli_root, capsys):
     images = sorted(folder.glob("*.png"))
     output = cli_root / "predictions"
     code = main(["predict", "--checkpoint", trained.summary["checkpoint"], "--input", str(folder),
-                 "--output", str(output)])
+                 "--output", str(output), "--heatmaps", "--batch-size", "3"])
     assert code == 0
     lines = capsys.readouterr().out.strip().splitlines()
     records = [json.loads(line) for line in lines[:-1]]
     assert [r["image_path"] for r in records] == [str(p) for p in images]
-    assert all(isinstance(r["anomalous"], bool) and r["score"] >= 0 for r in records)
+    assert all(r["pred_label"] in (0, 1) and r["pred_score"] >= 0 for r in records)
     assert json.loads(lines[-1]) == {"images": len(images), "scored": len(images), "skipped": 0,
-                                     "anomalous": sum(r["anomalous"] for r in records),
+                                     "anomalous": sum(r["pred_label"] for r in records), "runtime": "pytorch",
                                      "predictions_csv": str(output / "predictions.csv")}
     table = (output / "predictions.csv").read_text().splitlines()
-    assert table[0] == "image_path,score,anomalous,figure,error" and len(table) == len(images) + 1
-    assert sorted(p.name for p in output.glob("*.png")) == sorted(f"{p.stem}_prediction.png" for p in images)
+    assert table[0] == "image_path,pred_score,pred_label,heatmap,error" and len(table) == len(images) + 1
+    heatmaps = sorted(p.name for p in (output / "heatmaps").glob("*.png"))
+    assert heatmaps == sorted(f"{p.stem}_heatmap.png" for p in images)
 
+    # one image alone, in a batch of one, scores as it did in a batch of three
     assert main(["predict", "--checkpoint", trained.summary["checkpoint"], "--input", str(images[0])]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert json.loads(lines[0])["score"] == pytest.approx(records[0]["score"], rel=1e-5)
+    assert json.loads(lines[0])["pred_score"] == pytest.approx(records[0]["pred_score"], rel=1e-5)
     assert json.loads(lines[-1])["images"] == 1
 
 

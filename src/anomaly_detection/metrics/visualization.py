@@ -88,6 +88,26 @@ def plot_anomaly_panel(image_hw3, mask_hw, anomaly_map_hw, threshold, title, pat
     return atomic_save_figure(figure, path, dpi=100)
 
 
+def plot_heatmap_overlay(image_hw3, anomaly_map_hw, threshold, title, path, vmin=None, vmax=None):
+    # one picture for an operator: the image, the map over it, and the region at or above the pixel threshold
+    image = _display_image(image_hw3)
+    height, width = image.shape[:2]
+    anomaly_map = np.squeeze(to_numpy(anomaly_map_hw)).astype(np.float32)
+    vmin = float(anomaly_map.min()) if vmin is None else float(vmin)
+    vmax = float(anomaly_map.max()) if vmax is None else float(vmax)
+    map_edges, _ = _pixel_extent(anomaly_map.shape, height, width)
+    figure = Figure(figsize=(5.4, 5), layout="constrained")
+    axis = figure.subplots()
+    axis.imshow(image)
+    axis.set_axis_off()
+    heat = axis.imshow(anomaly_map, cmap="jet", alpha=0.45, vmin=vmin, vmax=vmax, extent=map_edges)
+    figure.colorbar(heat, ax=axis, fraction=0.046, pad=0.02)
+    if threshold is not None:
+        _draw_contour(axis, anomaly_map >= threshold, height, width, "white")
+    axis.set_title(title, fontsize=9)
+    return atomic_save_figure(figure, path, dpi=100)
+
+
 def _curve_figure(title, xlabel, ylabel):
     figure = Figure(figsize=(5, 5), layout="constrained")
     axis = figure.subplots()

@@ -13,6 +13,7 @@ from anomaly_detection.config import FROM_YAML, fill_from_yaml
 from anomaly_detection.data.datasets import IMAGE_EXTENSIONS
 from anomaly_detection.data.transforms import resolve_normalization
 from anomaly_detection.models.efficientad.efficientad import EfficientADModel, size_pair
+from anomaly_detection.models.efficientad.export import ExportableEfficientAD
 from anomaly_detection.trainer import BaseTrainer, model_arguments, trainer_arguments
 from anomaly_detection.utils import logger
 
@@ -60,6 +61,10 @@ class EfficientADTrainer(BaseTrainer):
         arguments = model_arguments(config, pretrained)
         arguments.pop("imagenet_dir")
         return EfficientADModel(**arguments, image_size=config["data"]["image_size"])
+
+    @classmethod
+    def exportable_model(cls, model):
+        return ExportableEfficientAD(model)
 
     @classmethod
     def from_config(cls, config, model=None, **options):

@@ -1,4 +1,5 @@
 # src/anomaly_detection/models/patchcore/trainer.py
+from anomaly_detection.models.patchcore.export import ExportablePatchCore
 from anomaly_detection.models.patchcore.patchcore import PatchCoreModel
 from anomaly_detection.trainer import OnePassTrainer, model_arguments
 
@@ -7,3 +8,7 @@ class PatchCoreTrainer(OnePassTrainer):
     @classmethod
     def build_model(cls, config, pretrained=None):
         return PatchCoreModel(**model_arguments(config, pretrained), seed=config["seed"])
+
+    @classmethod
+    def exportable_model(cls, model):
+        return ExportablePatchCore(model)
