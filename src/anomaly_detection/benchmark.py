@@ -1,11 +1,11 @@
 # src/anomaly_detection/benchmark.py
-"""`anomaly-detection benchmark`: a grid of models x categories, each cell a `train` run of its own process (so
-its peak RSS is its own), written to results.csv as each cell finishes; report.md gives a table per model with
-the unweighted mean over categories, as the papers report, and a figure comparing the models.
-
-An interrupted grid is resumed by running the same command again: finished cells are read back, not rerun, and
-the cell that was cut short continues from its last checkpoint (train --resume). The grid's settings are saved
-in grid.json; a second run with other settings into the same folder is refused rather than mixed in."""
+# `anomaly-detection benchmark`: a grid of models x categories, each cell a `train` run of its own process (so
+# its peak RSS is its own), written to results.csv as each cell finishes; report.md gives a table per model with
+# the unweighted mean over categories, as the papers report, and a figure comparing the models.
+#
+# An interrupted grid is resumed by running the same command again: finished cells are read back, not rerun, and
+# the cell that was cut short continues from its last checkpoint (train --resume). The grid's settings are saved
+# in grid.json; a second run with other settings into the same folder is refused rather than mixed in.
 import json
 import math
 import subprocess

@@ -1,16 +1,15 @@
 # src/anomaly_detection/export.py
-"""`anomaly-detection export`: a model.pt as ONNX, OpenVINO IR or TorchScript, with the file a deployment needs.
-
-The exported graph takes `images`, a float32 batch (B x 3 x H x W, RGB) preprocessed exactly as the test
-transform does (resize, optional centre crop, /255, mean/std), and `threshold`, a float32 tensor of shape [1].
-It returns `anomaly_map` (B x 1 x H x W), `pred_score` (B) and `pred_label` (B, bool: pred_score >= threshold).
-The threshold is an input, not a constant: `metadata.json` beside the model holds the calibrated one with the
-preprocessing recipe, so changing it is an edit of that file, not a re-export.
-
-Every export is checked before it is declared done: the exported file is loaded in its own runtime and scored
-against the PyTorch model on generated images at batch sizes other than the traced one; a score further than
-1e-4 relative or a different label is an error and no metadata is written.
-"""
+# `anomaly-detection export`: a model.pt as ONNX, OpenVINO IR or TorchScript, with the file a deployment needs.
+#
+# The exported graph takes `images`, a float32 batch (B x 3 x H x W, RGB) preprocessed exactly as the test
+# transform does (resize, optional centre crop, /255, mean/std), and `threshold`, a float32 tensor of shape [1].
+# It returns `anomaly_map` (B x 1 x H x W), `pred_score` (B) and `pred_label` (B, bool: pred_score >= threshold).
+# The threshold is an input, not a constant: `metadata.json` beside the model holds the calibrated one with the
+# preprocessing recipe, so changing it is an edit of that file, not a re-export.
+#
+# Every export is checked before it is declared done: the exported file is loaded in its own runtime and scored
+# against the PyTorch model on generated images at batch sizes other than the traced one; a score further than
+# 1e-4 relative or a different label is an error and no metadata is written.
 import datetime
 import hashlib
 import os
@@ -39,8 +38,7 @@ PARITY_TOLERANCE = 1e-4
 
 
 class DeployableModel(nn.Module):
-    """What every exported graph computes: the model's map and score, and the label against `threshold`."""
-
+    # what every exported graph computes: the model's map and score, and the label against `threshold`
     def __init__(self, model):
         super().__init__()
         self.model = model

@@ -1,6 +1,6 @@
 # src/anomaly_detection/predict.py
-"""Scoring new images with any model file (model.pt, .onnx, OpenVINO .xml, .torchscript): batched, record by
-record, an unreadable image named and skipped while the rest are scored."""
+# Scoring new images with any model file (model.pt, .onnx, OpenVINO .xml, .torchscript): batched, record by
+# record, an unreadable image named and skipped while the rest are scored.
 import csv
 import math
 import os

@@ -1,16 +1,16 @@
 # src/anomaly_detection/runtimes.py
-"""One way to score images with any model file: a model.pt (PyTorch), an exported .onnx (ONNX Runtime), an
-OpenVINO .xml or a .torchscript file. `open_model` gives the runtime, the threshold and the preprocessing;
-`runtime.run(images, threshold)` gives anomaly_map, pred_score and pred_label for a preprocessed batch.
-onnxruntime and openvino are imported only when such a file is opened."""
+# One way to score images with any model file: a model.pt (PyTorch), an exported .onnx (ONNX Runtime), an
+# OpenVINO .xml or a .torchscript file. `open_model` gives the runtime, the threshold and the preprocessing;
+# `runtime.run(images, threshold)` gives anomaly_map, pred_score and pred_label for a preprocessed batch.
+# onnxruntime and openvino are imported only when such a file is opened.
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from anomaly_detection.allocator import configure_cpu_allocator
 from anomaly_detection.utils import logger, resolve_device
 
 METADATA_FILE = "metadata.json"
@@ -100,16 +100,12 @@ def load_runtime(path, metadata=None):
     raise ValueError(f"{path}: expected a model.pt, an .onnx, an OpenVINO .xml or a .torchscript file")
 
 
-@dataclass
 class OpenedModel:
-    runtime: object
-    model_name: str
-    threshold: dict | None          # image_threshold and pixel_threshold, finite; None when not calibrated
-    image_size: object
-    center_crop: object
-    mean: tuple
-    std: tuple
-    path: Path
+    # a runtime, and what scoring with it needs: the threshold (image_threshold and pixel_threshold, finite;
+    # None when the model was not calibrated) and the test transform's settings
+    def __init__(self, runtime, model_name, threshold, image_size, center_crop, mean, std, path):
+        self.runtime, self.model_name, self.threshold = runtime, model_name, threshold
+        self.image_size, self.center_crop, self.mean, self.std, self.path = image_size, center_crop, mean, std, path
 
     def transform(self):
         from anomaly_detection.data import get_test_transforms
@@ -165,7 +161,6 @@ def open_model(path, overrides=None, device="auto"):
                            usable_threshold(metadata["threshold"], path.parent / METADATA_FILE),
                            tuple(steps["image_size"]), tuple(steps["center_crop"]) if steps["center_crop"] else None,
                            tuple(steps["mean"]), tuple(steps["std"]), path)
-    from anomaly_detection.allocator import configure_cpu_allocator
     from anomaly_detection.runner import load_model_file
     model, config, state = load_model_file(path, overrides)
     configure_cpu_allocator(config["cpu_allocator"])

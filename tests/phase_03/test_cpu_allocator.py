@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from anomaly_detection import allocator, predict, runner
+from anomaly_detection import allocator, runner, runtimes
 from anomaly_detection.config import load_experiment_config
 
 # A 200 MB tensor is freed while a later block keeps it off the top of the heap, then a 160 MB one is made:
@@ -44,8 +44,7 @@ def test_stfpm_keeps_the_one_pass_models_release_and_every_entry_point_applies_i
     assert load_experiment_config("padim", "demo")["cpu_allocator"] == "release"
     seen = []
     monkeypatch.setattr(runner, "configure_cpu_allocator", seen.append)
-    monkeypatch.setattr(predict, "configure_cpu_allocator", seen.append)
+    monkeypatch.setattr(runtimes, "configure_cpu_allocator", seen.append)
     runner.test_checkpoint(tiny_run.model_path, overrides=["cpu_allocator=release", "evaluation.figures=false"])
-    list(predict.predict_images(tiny_run.model_path, [next((tiny_run.data_root / "demo" / "test" / "good").iterdir())],
-                                overrides=["cpu_allocator=release"]))
+    runtimes.open_model(tiny_run.model_path, overrides=["cpu_allocator=release"])
     assert seen == ["release", "release"]

@@ -1,10 +1,9 @@
 # src/anomaly_detection/models/efficientad/export.py
-"""EfficientAD's scoring for export: the whole batch in one pass.
-
-The model computes its maps a few images at a time (INFERENCE_CHUNK) to bound memory; a traced graph would
-freeze that split at the example batch size. The quantile normalisation needs nothing special: the
-quantiles are buffers fitted on validation images, so in the graph it is a subtraction and a division.
-"""
+# EfficientAD's scoring for export: the whole batch in one pass.
+#
+# The model computes its maps a few images at a time (INFERENCE_CHUNK) to bound memory; a traced graph would
+# freeze that split at the example batch size. The quantile normalisation needs nothing special: the
+# quantiles are buffers fitted on validation images, so in the graph it is a subtraction and a division.
 from torch import nn
 
 from anomaly_detection.models.efficientad.efficientad import check_input_size

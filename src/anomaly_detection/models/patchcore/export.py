@@ -1,13 +1,12 @@
 # src/anomaly_detection/models/patchcore/export.py
-"""PatchCore's scoring written with operations that export exactly (ONNX, OpenVINO, TorchScript tracing).
-
-The model's own scoring takes its chunk sizes from the batch (a Python loop over query rows, sized by
-model.memory_budget_mb) and pools channels with adaptive average pooling whose output size a traced graph
-cannot keep constant. A traced graph freezes such loops at the example batch size. Here the same numbers come
-from shapes fixed at export time: the loop runs over the memory bank (its size is fixed once fitted), keeping
-each query's running minimum, and the adaptive pooling is a product with its averaging matrix. The result
-equals the model's to float rounding (the export parity test holds it to 1e-4 relative on the scores).
-"""
+# PatchCore's scoring written with operations that export exactly (ONNX, OpenVINO, TorchScript tracing).
+#
+# The model's own scoring takes its chunk sizes from the batch (a Python loop over query rows, sized by
+# model.memory_budget_mb) and pools channels with adaptive average pooling whose output size a traced graph
+# cannot keep constant. A traced graph freezes such loops at the example batch size. Here the same numbers come
+# from shapes fixed at export time: the loop runs over the memory bank (its size is fixed once fitted), keeping
+# each query's running minimum, and the adaptive pooling is a product with its averaging matrix. The result
+# equals the model's to float rounding (the export parity test holds it to 1e-4 relative on the scores).
 import math
 
 import torch
