@@ -1,5 +1,6 @@
 # src/anomaly_detection/cli.py
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -194,9 +195,14 @@ COMMANDS = {"generate-demo": run_generate, "stats": run_stats, "train": run_trai
 
 
 def main(argv=None):
+    from anomaly_detection import distributed
     from anomaly_detection.models import MODEL_COMMANDS
     args = build_parser().parse_args(argv)
-    setup_logging()
+    # under torchrun (WORLD_SIZE > 1 in the environment): one process per device, NCCL on CUDA, gloo on CPU;
+    # the first process logs and prints, the others only warn
+    distributed.init_distributed()
+    main_process = distributed.is_main()
+    setup_logging() if main_process else setup_logging(logging.WARNING)
     modules = dict(MODULE_COMMANDS, **MODEL_COMMANDS)
     try:
         if args.command in modules:
@@ -204,11 +210,15 @@ def main(argv=None):
         else:
             result = COMMANDS[args.command](args)
     except (FileNotFoundError, ValueError, RuntimeError, OSError, FloatingPointError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error}" + (f" (process {distributed.rank()})" if distributed.active() else ""),
+              file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
     result, code = result if isinstance(result, tuple) else (result, 0)
     # the last line of output is one JSON object, for scripts
-    print(to_json(result))
+    if main_process:
+        print(to_json(result))
     return code
 
 

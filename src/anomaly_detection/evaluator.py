@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
+from anomaly_detection import distributed
 from anomaly_detection.data.datasets import image_size, load_mask
 from anomaly_detection.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from anomaly_detection.metrics import compute_aupro, compute_auroc, compute_classification_metrics
@@ -45,10 +46,23 @@ class Evaluator:
         self.progress_bar = progress_bar
 
     @torch.no_grad()
-    def predict(self, loader, keep_maps=True, pixel_resolution="input"):
+    def predict(self, loader, keep_maps=True, pixel_resolution="input", gather_to="all"):
         # keep_maps: the maps and masks at input size (threshold, figures); pixel_resolution="native" also
-        # keeps every map upsampled to its image's own size with the mask read at that size (pixel metrics)
+        # keeps every map upsampled to its image's own size with the mask read at that size (pixel metrics).
+        # Under torchrun a loader with a ShardSampler scores this process's share; the shares are gathered
+        # back into the dataset's order on every process (gather_to="all") or on the first (gather_to="main",
+        # the others get None)
         check_pixel_resolution(pixel_resolution)
+        local = self.predict_local(loader, keep_maps, pixel_resolution)
+        if not (distributed.active() and isinstance(getattr(loader, "sampler", None), distributed.ShardSampler)):
+            return local
+        if pixel_resolution == "native":
+            raise ValueError("native-resolution pixel metrics need the whole test split in one process: "
+                             "build the loader without a ShardSampler")
+        parts = distributed.all_gather_objects(local) if gather_to == "all" else distributed.gather_objects(local)
+        return merge_predictions(parts) if parts is not None else None
+
+    def predict_local(self, loader, keep_maps, pixel_resolution):
         self.model.eval()
         scores, labels, paths, defect_types, mask_found = [], [], [], [], False
         maps = masks = None
@@ -69,7 +83,7 @@ class Evaluator:
                 if maps is None:
                     # one array for the whole split: a list of batches plus a concatenated copy would
                     # hold every map twice at the end
-                    total = len(loader.dataset)
+                    total = len(loader.sampler) if hasattr(loader, "sampler") else len(loader.dataset)
                     maps = np.empty((total,) + tuple(batch["image"].shape[-2:]), dtype=np.float32)
                     masks = np.empty((total,) + tuple(batch["image"].shape[-2:]), dtype=bool)
                 maps[count:count + size] = outputs["anomaly_map"].float().cpu().numpy()[:, 0]
@@ -107,13 +121,19 @@ class Evaluator:
         }
 
     def evaluate(self, test_loader, threshold=None):
-        # at native resolution the input-size maps serve only the figures
+        # at native resolution the input-size maps serve only the figures. Under torchrun the first process
+        # computes the metrics and writes the results from every process's scores; the others get the metrics
         keep_maps = self.pixel_resolution == "input" or (self.figures and self.output_dir is not None)
-        predictions = self.predict(test_loader, keep_maps=keep_maps, pixel_resolution=self.pixel_resolution)
-        metrics = compute_metrics(predictions, threshold)
-        if self.output_dir is not None:
-            self.write_results(test_loader, predictions, metrics, threshold)
-        return metrics
+        sharded = isinstance(getattr(test_loader, "sampler", None), distributed.ShardSampler)
+        if distributed.is_main() or sharded:
+            predictions = self.predict(test_loader, keep_maps=keep_maps, pixel_resolution=self.pixel_resolution,
+                                       gather_to="main")
+        metrics = None
+        if distributed.is_main():
+            metrics = compute_metrics(predictions, threshold)
+            if self.output_dir is not None:
+                self.write_results(test_loader, predictions, metrics, threshold)
+        return distributed.broadcast_object(metrics)
 
     def write_results(self, test_loader, predictions, metrics, threshold=None):
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -162,6 +182,19 @@ class Evaluator:
                      f"score {predictions['scores'][index]:.4g}")
             plot_anomaly_panel(image, predictions["masks"][index], maps[index], pixel_threshold, title,
                                folder / "panels" / name, vmin=vmin, vmax=vmax)
+
+
+def merge_predictions(parts):
+    # the inverse of ShardSampler: item k of process r was item k * N + r of the dataset
+    merged = dict(parts[0])
+    for key in ("scores", "labels", "maps", "masks"):
+        if parts[0][key] is not None:
+            merged[key] = distributed.merge_shards([part[key] for part in parts])
+    for key in ("image_paths", "defect_types"):
+        merged[key] = distributed.interleave_shards([part[key] for part in parts])
+    merged["has_masks"] = any(part["has_masks"] for part in parts)
+    merged["predict_s"] = max(part["predict_s"] for part in parts)
+    return merged
 
 
 def check_model_outputs(outputs, images, image_paths=None):

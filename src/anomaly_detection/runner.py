@@ -3,6 +3,7 @@ import json
 import time
 from pathlib import Path
 
+from anomaly_detection import distributed
 from anomaly_detection.allocator import configure_cpu_allocator
 from anomaly_detection.config import load_experiment_config, save_config
 from anomaly_detection.data import build_dataset, create_dataloader, get_test_transforms, get_train_transforms
@@ -10,7 +11,7 @@ from anomaly_detection.data.dataloaders import split_train_val
 from anomaly_detection.evaluator import Evaluator
 from anomaly_detection.models import get_trainer_class
 from anomaly_detection.run_config import check_resume_config, checkpoint_config, resolve_normalization_config
-from anomaly_detection.trainer import load_checkpoint_file
+from anomaly_detection.trainer import OnePassTrainer, load_checkpoint_file
 from anomaly_detection.utils import atomic_write_json, logger, peak_rss_mb, seed_everything
 
 SUMMARY_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "pixel_f1_max", "image_ap", "pixel_ap")
@@ -37,9 +38,10 @@ def output_dirs(config, category):
 
 def ensure_dataset(config, category):
     synthetic = config["dataset"].get("synthetic")  # only the generated demo dataset has this section
-    if synthetic:
+    if synthetic and distributed.is_main():
         from anomaly_detection.data.synthetic import generate_synthetic_category
         generate_synthetic_category(config["dataset"]["root_dir"], category=category, **synthetic)
+    distributed.barrier()  # under torchrun the other processes read what the first one wrote
 
 
 def build_transforms(config):
@@ -60,16 +62,38 @@ def build_loaders(config, category):
         # validation images are scored like test images: no training augmentation (same files, checked above)
         val_set.dataset = build_dataset(dict(config["dataset"], check_files=False), "train", test_transform,
                                         category=category)
-    train_loader = create_dataloader(train_set, training["batch_size"], shuffle=True, num_workers=data["num_workers"])
-    val_loader = create_dataloader(val_set, data["eval_batch_size"], num_workers=data["num_workers"]) \
-        if val_set is not None else None
+    train_loader = create_dataloader(train_set, training["batch_size"], shuffle=True, num_workers=data["num_workers"],
+                                     sampler=train_sampler(config, train_set))
+    val_loader = create_dataloader(val_set, data["eval_batch_size"], num_workers=data["num_workers"],
+                                   sampler=shard_sampler(val_set)) if val_set is not None else None
     return train_loader, val_loader, test_loader
+
+
+def train_sampler(config, train_set):
+    # under torchrun each process reads its share of the training images. A gradient-trained model gets
+    # PyTorch's DistributedSampler (reshuffled each epoch; it repeats a few images so every process runs as many
+    # steps); a one-pass model must see every image exactly once, so it gets disjoint shards
+    if not distributed.active():
+        return None
+    if issubclass(get_trainer_class(config["model"]["name"]), OnePassTrainer):
+        return distributed.ShardSampler(train_set)
+    from torch.utils.data.distributed import DistributedSampler
+    return DistributedSampler(train_set, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                              shuffle=True, seed=int(config["seed"]))
+
+
+def shard_sampler(dataset):
+    # validation and test images: disjoint shards, gathered back into the dataset's order for the metrics
+    return distributed.ShardSampler(dataset) if distributed.active() else None
 
 
 def build_test_loader(config, category, test_transform=None):
     test_transform = test_transform or build_transforms(config)[1]
     test_set = build_dataset(config["dataset"], "test", test_transform, category=category)
-    return create_dataloader(test_set, config["data"]["eval_batch_size"], num_workers=config["data"]["num_workers"])
+    # native-resolution pixel metrics read every mask at its own size: the first process scores the whole split
+    sharded = config["evaluation"]["pixel_resolution"] == "input"
+    return create_dataloader(test_set, config["data"]["eval_batch_size"], num_workers=config["data"]["num_workers"],
+                             sampler=shard_sampler(test_set) if sharded else None)
 
 
 def make_evaluator(config, model, results_dir):
@@ -97,21 +121,23 @@ def train_and_evaluate(config, category=None, resume=False):
     ensure_dataset(config, category)
     dirs = output_dirs(config, category)
     last = dirs["checkpoints"] / "last.pt"
-    resume_from = last if resume and last.is_file() else None
+    # under torchrun the first process reads the checkpoints and sends them (no shared folder needed)
+    resume_from = last if resume and distributed.broadcast_object(last.is_file()) else None
     if resume and resume_from is None:
         logger.warning("--resume: no checkpoint at %s, starting from scratch", last)
-    if resume_from is not None:
+    if resume_from is not None and distributed.is_main():
         check_resume_config(load_checkpoint_file(resume_from)["config"], config, resume_from)
     train_loader, val_loader, test_loader = build_loaders(config, category)
     trainer = get_trainer_class(config["model"]["name"]).from_config(
         config, checkpoint_dir=dirs["checkpoints"], log_dir=dirs["logs"])
-    save_config(config, dirs["results"] / "config.yaml")
-    save_config(config, dirs["checkpoints"] / "config.yaml")
+    if distributed.is_main():
+        save_config(config, dirs["results"] / "config.yaml")
+        save_config(config, dirs["checkpoints"] / "config.yaml")
 
     started = time.perf_counter()
     trainer.fit(train_loader, val_loader, num_epochs=config["training"]["num_epochs"], resume_from=resume_from)
     best = dirs["checkpoints"] / "best.pt"
-    epoch = trainer.load_checkpoint(best) if best.is_file() else trainer.current_epoch
+    epoch = trainer.load_checkpoint(best) if distributed.broadcast_object(best.is_file()) else trainer.current_epoch
     evaluator = make_evaluator(config, trainer.model, dirs["results"])
     threshold = calibrate_threshold(evaluator, val_loader, train_loader, config["evaluation"]["threshold_quantile"])
     fit_s = time.perf_counter() - started
@@ -151,7 +177,10 @@ def summarize(config, category, metrics, results_dir, model_path, **figures):
     summary["peak_rss_mb"] = peak_rss_mb()
     summary["results_dir"] = str(results_dir)
     summary["checkpoint"] = str(model_path)
-    atomic_write_json(Path(results_dir) / "summary.json", summary)
+    if distributed.active():
+        summary["processes"] = distributed.world_size()
+    if distributed.is_main():
+        atomic_write_json(Path(results_dir) / "summary.json", summary)
     return summary
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from anomaly_detection import __version__
+from anomaly_detection import __version__, distributed
 from anomaly_detection.utils import (
     OUTPUT_FILE_MODE, atomic_torch_save, json_safe, logger, resolve_device, seed_everything,
 )
@@ -59,6 +59,7 @@ class BaseTrainer:
         self.history = []
         self.writer = None
         self._single_class_noted = False
+        self._distributed_parts = []
 
     # ---- what the runner calls on a trainer class (a model folder's trainer provides build_model) ---
     @classmethod
@@ -149,11 +150,15 @@ class BaseTrainer:
         start_epoch = 0
         if resume_from is not None:
             start_epoch = self.load_checkpoint(resume_from, restore_training_state=True) + 1
+        # under torchrun: DistributedDataParallel around the trainable parts (after the resumed weights are in)
+        self._distributed_parts = distributed.wrap_trainable_parts(self.model, self.device)
         self._open_writer()
         self.on_fit_start()
         for epoch in range(start_epoch, num_epochs):
             self.current_epoch = epoch
             started = time.perf_counter()
+            if hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
+                train_loader.sampler.set_epoch(epoch)  # a new shuffle of each process's share every epoch
             self.model.train()
             self.on_train_epoch_start(epoch)
             train_loss = self.train_epoch(train_loader, epoch)
@@ -168,11 +173,13 @@ class BaseTrainer:
             self.save_epoch_checkpoints(epoch, record)
         self.on_fit_end()
         self._close_writer()
+        distributed.unwrap_parts(self._distributed_parts)
+        self._distributed_parts = []
         return self.history
 
     def train_epoch(self, train_loader, epoch):
         total, count = 0.0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch}", disable=not self.progress_bar, leave=False)
+        bar = tqdm(train_loader, desc=f"epoch {epoch}", disable=not self.show_progress, leave=False)
         for batch_idx, batch in enumerate(bar):
             self.on_train_batch_start(batch, batch_idx)
             outputs, loss = self.training_batch(batch, batch_idx, epoch)
@@ -238,6 +245,11 @@ class BaseTrainer:
                 outputs = self.validation_step(batch, batch_idx)
             step_outputs.append(outputs)
             self.on_validation_batch_end(batch, batch_idx, outputs)
+        if distributed.active():
+            # every process's validation images count, and every process decides the same best epoch
+            local = [{key: to_cpu(value) for key, value in out.items()} if isinstance(out, dict) else out
+                     for out in step_outputs]
+            step_outputs = [out for part in distributed.all_gather_objects(local) for out in part]
         val_metrics = self.compute_validation_metrics(step_outputs)
         self.on_validation_epoch_end(epoch, val_metrics)
         return val_metrics
@@ -254,8 +266,13 @@ class BaseTrainer:
             raise TypeError("configure_optimizers() must return None, an optimizer or "
                             f"{{'optimizer': ..., 'scheduler': ...}}, got {type(configured).__name__}")
 
+    @property
+    def show_progress(self):
+        return self.progress_bar and distributed.is_main()
+
     def _open_writer(self):
-        if self.log_dir is not None and self.writer is None:
+        # TensorBoard, like every file a run writes, is the first process's alone under torchrun
+        if self.log_dir is not None and self.writer is None and distributed.is_main():
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.log_dir))
             # the event file is created at once, with the umask's mode: 0600 like every other output file
@@ -291,7 +308,7 @@ class BaseTrainer:
         improved = self.is_better(monitored)
         if improved:
             self.best_value = float(monitored)
-        if self.checkpoint_dir is None:
+        if self.checkpoint_dir is None or not distributed.is_main():
             return
         self.save_checkpoint(self.checkpoint_dir / "last.pt", epoch)
         # without the monitored value (no validation data) the newest weights are the best we can name
@@ -304,7 +321,7 @@ class BaseTrainer:
             "version": __version__,
             "model_class": type(self.model).__name__,
             "trainer_class": type(self).__name__,
-            "model": self.model.state_dict(),
+            "model": self.plain_state_dict(),
             "epoch": epoch,
             "config": self.config,
             "normalization": model_normalization(self.model),
@@ -322,19 +339,34 @@ class BaseTrainer:
             })
         return state
 
+    def plain_state_dict(self):
+        # the weights under the model's own names, also while parts of it are wrapped for torchrun
+        distributed.unwrap_parts(self._distributed_parts)
+        try:
+            return self.model.state_dict()
+        finally:
+            distributed.rewrap_parts(self._distributed_parts)
+
     def save_checkpoint(self, path, epoch=None):
+        if not distributed.is_main():
+            return Path(path)
         return atomic_torch_save(self.checkpoint_state(self.current_epoch if epoch is None else epoch), path)
 
     def save_model(self, path, threshold, epoch=None):
         # model.pt, the one file test, predict and export rebuild the model from: weights, threshold,
         # normalisation, resolved config and package version; no optimizer state
         check_threshold(threshold, path)
+        if not distributed.is_main():
+            return Path(path)
         state = self.checkpoint_state(self.current_epoch if epoch is None else epoch, training_state=False)
         state.update({"kind": "model", "threshold": threshold})
         return atomic_torch_save(state, path)
 
     def load_checkpoint(self, path, restore_training_state=False):
-        state = load_checkpoint_file(path, expected_model_class=type(self.model).__name__)
+        # under torchrun the first process reads the file and sends it to the others
+        state = distributed.broadcast_object(
+            load_checkpoint_file(path, expected_model_class=type(self.model).__name__) if distributed.is_main()
+            else None)
         self.model.load_state_dict(state["model"])
         if restore_training_state:
             if self.optimizer is not None and state.get("optimizer") is not None:
@@ -541,7 +573,7 @@ class OnePassTrainer(BaseTrainer):
         started = time.perf_counter()
         extract_s = 0.0
         self.model.begin_fit(len(train_loader.dataset) if hasattr(train_loader, "dataset") else None)
-        bar = tqdm(train_loader, desc=f"fit {epoch}", disable=not self.progress_bar, leave=False)
+        bar = tqdm(train_loader, desc=f"fit {epoch}", disable=not self.show_progress, leave=False)
         for batch_idx, batch in enumerate(bar):
             self.on_train_batch_start(batch, batch_idx)
             step_started = time.perf_counter()

@@ -52,7 +52,8 @@ def resolve_device(device="auto"):
     device = str(device)
     if device == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            # under torchrun, this process's own GPU
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")

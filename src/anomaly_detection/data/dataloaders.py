@@ -4,7 +4,7 @@ from torch.utils.data import DataLoader, Subset
 
 
 def create_dataloader(dataset, batch_size=32, shuffle=False, num_workers=0, drop_last=False, seed=None,
-                      pin_memory=None, persistent_workers=None):
+                      pin_memory=None, persistent_workers=None, sampler=None):
     if len(dataset) == 0:
         raise ValueError("create_dataloader: the dataset is empty")
     if batch_size < 1:
@@ -17,7 +17,9 @@ def create_dataloader(dataset, batch_size=32, shuffle=False, num_workers=0, drop
         pin_memory = torch.cuda.is_available()
     if persistent_workers is None:
         persistent_workers = num_workers > 0
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+    # a sampler (one process's share under torchrun) does its own shuffling
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=num_workers,
                       drop_last=drop_last and len(dataset) > batch_size, generator=generator,
                       pin_memory=pin_memory, persistent_workers=persistent_workers)
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anomaly_detection import distributed
 from anomaly_detection.config import FROM_YAML, fill_from_yaml
 from anomaly_detection.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from anomaly_detection.models.components import quantile_normalization, quantiles, upsample_map
@@ -181,6 +182,15 @@ class EfficientADModel(nn.Module):
             sums = sums + out.mean(dim=(0, 2, 3))
             squares = squares + out.pow(2).mean(dim=(0, 2, 3))
             count += 1
+        if distributed.active():
+            # under torchrun each process saw its share of the training images: the sums of all of them
+            channels = self.teacher_mean.shape[1]
+            totals = torch.zeros(2 * channels + 1, dtype=torch.float64, device=self.teacher_mean.device)
+            if count:
+                totals[:channels], totals[channels:-1] = sums, squares
+            totals[-1] = count
+            distributed.all_reduce_sum(totals)
+            sums, squares, count = totals[:channels], totals[channels:-1], int(totals[-1])
         if count == 0:
             raise ValueError("EfficientAD needs training images to normalise the teacher's features: got none")
         mean = sums / count

@@ -9,6 +9,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
+from anomaly_detection import distributed
 from anomaly_detection.config import FROM_YAML, fill_from_yaml
 from anomaly_detection.data.datasets import IMAGE_EXTENSIONS
 from anomaly_detection.data.transforms import resolve_normalization
@@ -164,7 +165,10 @@ class EfficientADTrainer(BaseTrainer):
     def on_validation_epoch_end(self, epoch, val_metrics):
         # the map normalisation comes from the normal validation images, before this epoch's checkpoint is
         # written, so every checkpoint (and the threshold calibrated on it) carries the quantiles of its weights
-        values = self.model.fit_map_quantiles(*self._maps)
+        # under torchrun: every process's validation maps, in the images' order, so the quantiles (and their
+        # sampling of large maps) are those of one process
+        maps = [distributed.gather_shards_to_all(torch.cat(part)) for part in self._maps]
+        values = self.model.fit_map_quantiles(*([m] for m in maps))
         self._maps = None
         logger.info("EfficientAD map quantiles %s from the validation images", values)
 

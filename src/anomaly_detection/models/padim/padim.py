@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anomaly_detection import distributed
 from anomaly_detection.config import FROM_YAML, fill_from_yaml
 from anomaly_detection.models.backbones import FeatureExtractor, layers_or_default
 from anomaly_detection.models.components import FittedBuffersMixin, gaussian_blur, upsample_map
@@ -99,6 +100,12 @@ class PaDiMModel(FittedBuffersMixin, nn.Module):
         self._count += batch
 
     def finalize_fit(self):
+        if distributed.active():
+            # under torchrun each process summed its share of the images: the sums over all of them, so N
+            # processes fit the model one process fits (float64 sums, added in another order)
+            self._count = distributed.all_reduce_count(self._count)
+            self._sum = distributed.all_reduce_sum(self._sum)
+            self._outer_sum = distributed.all_reduce_sum(self._outer_sum)
         if self._count < 2:
             raise ValueError(f"PaDiM needs at least 2 training images to estimate a covariance, got {self._count}")
         count = self._count

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anomaly_detection import distributed
 from anomaly_detection.config import FROM_YAML, fill_from_yaml
 from anomaly_detection.models.backbones import FeatureExtractor, layers_or_default
 from anomaly_detection.models.components import FittedBuffersMixin, gaussian_blur, upsample_map
@@ -143,21 +144,44 @@ class PatchCoreModel(FittedBuffersMixin, nn.Module):
         if self.store is None or self.store.size == 0:
             raise RuntimeError("PatchCore saw no training images: call accumulate(images) before finalize_fit()")
         started = time.perf_counter()
-        features = self.store.features()
-        size = self.coreset_size(features.shape[0])
-        if size < features.shape[0]:
-            indices = greedy_coreset_indices(features, size, self.projection_dim, self.seed, self.memory_budget_mb)
-            bank = features.index_select(0, indices).float()
-        else:
-            bank = features.to(torch.float32, copy=True)
+        features, images = self.gathered_features()
+        bank = None
+        if features is not None:
+            size = self.coreset_size(features.shape[0])
+            if size < features.shape[0]:
+                indices = greedy_coreset_indices(features, size, self.projection_dim, self.seed,
+                                                 self.memory_budget_mb)
+                bank = features.index_select(0, indices).float()
+            else:
+                bank = features.to(torch.float32, copy=True)
+        # under torchrun the first process selected the coreset; every process gets the bank
+        bank = distributed.broadcast_tensor(bank).to(self.memory_bank.device)
         synchronize(bank.device)
         coreset_s = time.perf_counter() - started
         self.memory_bank = bank
         self._faiss_index = None
-        self.fit_timings.update({"num_images": self.store.images, "num_patches": int(features.shape[0]),
-                                 "memory_bank_size": int(bank.shape[0]), "coreset_s": coreset_s})
+        self.fit_timings.update({"num_images": images, "num_patches": distributed.broadcast_object(
+            None if features is None else int(features.shape[0])), "memory_bank_size": int(bank.shape[0]),
+            "coreset_s": coreset_s})
         self.store = None
         return self.fit_timings
+
+    def gathered_features(self):
+        # one process: its patches. Under torchrun: every process's patches on the first one (None elsewhere),
+        # put back in the images' order (process r held images r, r + N, ...), so the coreset is the one a single
+        # process selects from the same features. The first process then holds all of them, as one process
+        # would: its memory bounds the bank's source, not the number of processes
+        features, images = self.store.features(), self.store.images
+        if not distributed.active():
+            return features, images
+        per_image = features.shape[0] // max(1, images)
+        counts = distributed.all_gather_objects(images)
+        parts = distributed.gather_rows(features)
+        if parts is None:
+            return None, sum(counts)
+        blocks = [part.view(count, per_image, -1) for part, count in zip(parts, counts)]
+        merged = distributed.merge_shards([block.cpu() for block in blocks]).to(features.device)
+        return merged.view(-1, merged.shape[-1]), sum(counts)
 
     def on_fitted_buffers_loaded(self):
         self._faiss_index = None

@@ -1,0 +1,233 @@
+# src/anomaly_detection/distributed.py
+# torch.distributed as torchrun sets it up: one process per device, NCCL on CUDA, gloo on CPU. Without torchrun
+# (no WORLD_SIZE in the environment, or WORLD_SIZE=1) every function here is a no-op that returns its input, so
+# the single-process code paths are the distributed ones with one rank.
+import os
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+
+def launched_by_torchrun():
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def init_distributed():
+    # reads the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)
+    if not launched_by_torchrun() or not dist.is_available() or dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank()))
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
+def shutdown():
+    if active():
+        dist.destroy_process_group()
+
+
+def active():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank():
+    return dist.get_rank() if active() else 0
+
+
+def world_size():
+    return dist.get_world_size() if active() else 1
+
+
+def local_rank():
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main():
+    return rank() == 0
+
+
+def barrier():
+    if active():
+        dist.barrier()
+
+
+def collective_device():
+    # NCCL moves CUDA tensors only; gloo moves CPU tensors
+    return torch.device("cuda", local_rank()) if active() and dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_reduce_sum(tensor):
+    # the sum over ranks, in place, on the tensor's own device and dtype
+    if not active():
+        return tensor
+    moved = tensor.to(collective_device())
+    dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+    if moved is not tensor:
+        tensor.copy_(moved)
+    return tensor
+
+
+def all_reduce_count(value):
+    return int(all_reduce_sum(torch.tensor([int(value)], dtype=torch.int64))[0])
+
+
+def all_gather_objects(obj):
+    # every rank's object, in rank order, on every rank
+    if not active():
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def gather_objects(obj, destination=0):
+    # every rank's object, in rank order, on `destination`; None elsewhere (what the others hold is not copied)
+    if not active():
+        return [obj]
+    gathered = [None] * world_size() if rank() == destination else None
+    dist.gather_object(obj, gathered, dst=destination)
+    return gathered
+
+
+def broadcast_object(obj, source=0):
+    if not active():
+        return obj
+    box = [obj if rank() == source else None]
+    dist.broadcast_object_list(box, src=source)
+    return box[0]
+
+
+def broadcast_tensor(tensor, source=0):
+    # `tensor` from `source` on every rank, whatever its shape there (the others pass None)
+    if not active():
+        return tensor
+    meta = broadcast_object((tuple(tensor.shape), tensor.dtype) if rank() == source else None, source)
+    device = collective_device()
+    buffer = tensor.to(device).contiguous() if rank() == source else torch.empty(meta[0], dtype=meta[1],
+                                                                                 device=device)
+    dist.broadcast(buffer, src=source)
+    return buffer
+
+
+def gather_rows(tensor, destination=0):
+    # the rows of every rank's tensor (counts may differ), as one list in rank order on `destination`
+    if not active():
+        return [tensor]
+    counts = all_gather_objects(int(tensor.shape[0]))
+    device = collective_device()
+    largest = max(counts)
+    padded = torch.zeros((largest,) + tuple(tensor.shape[1:]), dtype=tensor.dtype, device=device)
+    padded[:tensor.shape[0]] = tensor.to(device)
+    if rank() == destination:
+        buffers = [torch.empty_like(padded) for _ in range(world_size())]
+        dist.gather(padded, buffers, dst=destination)
+        return [buffer[:count].to(tensor.device) for buffer, count in zip(buffers, counts)]
+    dist.gather(padded, None, dst=destination)
+    return None
+
+
+class ShardSampler(Sampler):
+    # rank r takes samples r, r + N, r + 2N, ... of the dataset's order: no sample twice, none padded in (so a
+    # sum or a metric over the gathered shards is the one-process one); counts differ by at most one
+    def __init__(self, dataset, shard_rank=None, shards=None):
+        self.length = len(dataset)
+        self.shard_rank = rank() if shard_rank is None else shard_rank
+        self.shards = world_size() if shards is None else shards
+
+    def indices(self):
+        return list(range(self.shard_rank, self.length, self.shards))
+
+    def __iter__(self):
+        return iter(self.indices())
+
+    def __len__(self):
+        return len(self.indices())
+
+
+def interleave_shards(shards):
+    # the inverse of ShardSampler: items of rank r at position k go back to position k * N + r
+    merged = []
+    for position in range(max((len(shard) for shard in shards), default=0)):
+        for shard in shards:
+            if position < len(shard):
+                merged.append(shard[position])
+    return merged
+
+
+# ---- DistributedDataParallel around the trainable parts only --------------------------------------------------
+def trainable(module):
+    return any(parameter.requires_grad for parameter in module.parameters())
+
+
+def wrap_trainable_parts(model, device):
+    # Each child of the model that holds trainable parameters is replaced by DistributedDataParallel around it;
+    # frozen parts (teachers, encoders) stay as they are, so DDP never waits for gradients they do not have. A
+    # container without a forward of its own (ModuleList, ModuleDict) is entered and its members wrapped. Returns
+    # what was wrapped, for unwrap_parts; the model's state_dict keys are those of the unwrapped model again once
+    # unwrapped. broadcast_buffers=False: no collective inside forward, so validation and test shards of
+    # different sizes never wait on each other; BatchNorm statistics are each process's own and the first
+    # process's are the ones saved.
+    if not active():
+        return []
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    wrapped = []
+
+    def visit(parent):
+        for name, child in list(parent.named_children()):
+            if not trainable(child):
+                continue
+            if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+                visit(child)
+                continue
+            ddp = DistributedDataParallel(child, device_ids=[device] if device.type == "cuda" else None,
+                                          broadcast_buffers=False)
+            wrapped.append((parent, name, ddp))
+
+    visit(model)
+    rewrap_parts(wrapped)
+    return wrapped
+
+
+def unwrap_parts(wrapped):
+    from torch import nn
+    for parent, name, ddp in wrapped:
+        if isinstance(parent, nn.ModuleList):
+            parent[int(name)] = ddp.module
+        else:
+            setattr(parent, name, ddp.module)
+
+
+def rewrap_parts(wrapped):
+    from torch import nn
+    for parent, name, ddp in wrapped:
+        if isinstance(parent, nn.ModuleList):
+            parent[int(name)] = ddp
+        else:
+            setattr(parent, name, ddp)
+
+
+def merge_shards(parts):
+    # the inverse of ShardSampler for arrays or tensors whose first axis is the items of each rank's shard
+    total = sum(len(part) for part in parts)
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        merged = torch.empty((total,) + tuple(first.shape[1:]), dtype=first.dtype)
+    else:
+        import numpy as np
+        merged = np.empty((total,) + tuple(first.shape[1:]), dtype=first.dtype)
+    for index, part in enumerate(parts):
+        merged[index::len(parts)] = part
+    return merged
+
+
+def gather_shards_to_all(value):
+    # a shard's items (first axis) from every rank, merged into the dataset's order, on every rank
+    if not active():
+        return value
+    return merge_shards(all_gather_objects(value.cpu() if isinstance(value, torch.Tensor) else value))
