@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from anomaly_detection import __version__
+from anomaly_detection.data.transforms import size_pair
 from anomaly_detection.models import get_trainer_class
-from anomaly_detection.runtimes import EXPORT_EXTRA, METADATA_FILE, load_runtime
+from anomaly_detection.runtimes import METADATA_FILE, import_optional, load_runtime
 from anomaly_detection.utils import OUTPUT_FILE_MODE, atomic_write_json, logger
 
 FORMATS = ("onnx", "openvino", "torchscript")
@@ -70,8 +71,7 @@ def example_images(config, batch, seed=0):
 
 def input_size(config):
     data = config["data"]
-    size = data["center_crop"] or data["image_size"]
-    return (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
+    return size_pair(data["center_crop"] or data["image_size"], "data.image_size")
 
 
 # ---- writers: one per format, each writes its files into `folder` ---------------------------------------
@@ -113,11 +113,7 @@ WRITERS = {"onnx": write_onnx, "openvino": write_openvino, "torchscript": write_
 def require_format_packages(fmt):
     needed = {"onnx": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino"), "torchscript": ()}[fmt]
     for package in needed:
-        try:
-            __import__(package)
-        except ImportError:
-            raise RuntimeError(f"--format {fmt} needs the '{package}' package, which is not installed: "
-                               f"{EXPORT_EXTRA}") from None
+        import_optional(package, f"--format {fmt}")
 
 
 # ---- the command -------------------------------------------------------------------------------------------
@@ -150,7 +146,7 @@ def export_checkpoint(checkpoint, fmt, output_dir, overrides=None):
             warnings.filterwarnings("ignore", message="Constant folding")
             files = WRITERS[fmt](deployable, example, scratch)
         metadata = build_metadata(fmt, config, state, checkpoint, files[0].name)
-        parity = check_parity(model, load_runtime(files[0], metadata), config, metadata["threshold"])
+        parity = check_parity(model, load_runtime(files[0]), config, metadata["threshold"])
         metadata["parity"] = parity
         final = []
         for path in files:
@@ -169,6 +165,7 @@ def build_metadata(fmt, config, state, checkpoint, model_file):
     data = config["data"]
     mean, std = data["normalization"]
     height, width = input_size(config)
+    resize = size_pair(data["image_size"], "data.image_size")
     threshold = state.get("threshold") or {}
     return {
         "format": fmt,
@@ -185,11 +182,11 @@ def build_metadata(fmt, config, state, checkpoint, model_file):
         "outputs": {"anomaly_map": ["batch", 1, height, width], "pred_score": ["batch"],
                     "pred_label": ["batch", "bool: pred_score >= threshold"]},
         "preprocessing": {
-            "image_size": list(pair(data["image_size"])),
-            "center_crop": list(pair(data["center_crop"])) if data["center_crop"] else None,
+            "image_size": list(resize),
+            "center_crop": list(size_pair(data["center_crop"], "data.center_crop")) if data["center_crop"] else None,
             "mean": list(mean), "std": list(std),
             "recipe": ["read the image as RGB, 8 bits per channel (grey images: the grey value in all three)",
-                       f"resize to {pair(data['image_size'])[0]} x {pair(data['image_size'])[1]} (height x width), "
+                       f"resize to {resize[0]} x {resize[1]} (height x width), "
                        "bilinear with antialiasing (torchvision resize, antialias=True)",
                        "centre-crop to center_crop when it is not null",
                        "divide by 255 to float32 in [0, 1]",
@@ -204,10 +201,6 @@ def build_metadata(fmt, config, state, checkpoint, model_file):
                              "why": "OpenVINO runs bfloat16 on CPUs that have it unless told f32; the parity "
                                     "check holds for f32"},
     }
-
-
-def pair(size):
-    return (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
 
 
 def file_sha256(path):

@@ -46,10 +46,10 @@ def find_images(source):
 
 def heatmap_path(heatmap_dir, path, input_root):
     # the input's sub-folders are kept, so two images with the same name in different folders keep both figures
+    # (input_root: the --input folder, None for a single file)
     path = Path(path)
     try:
-        relative = path.relative_to(input_root) if input_root is not None and Path(input_root).is_dir() else \
-            Path(path.name)
+        relative = path.relative_to(input_root) if input_root is not None else Path(path.name)
     except ValueError:
         relative = Path(path.name)
     return Path(heatmap_dir) / relative.parent / f"{relative.stem}_heatmap.png"
@@ -61,6 +61,7 @@ def predict_images(opened, image_paths, heatmap_dir=None, input_root=None, batch
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
     transform = opened.transform()
+    input_root = input_root if input_root is not None and Path(input_root).is_dir() else None
     pending, readable = [], 0
     for path in tqdm(image_paths, desc="predict", unit="img", disable=progress is False or None):
         try:

@@ -87,7 +87,7 @@ def import_optional(package, path):
         raise RuntimeError(f"{path} needs the '{package}' package, which is not installed: {EXPORT_EXTRA}") from None
 
 
-def load_runtime(path, metadata=None):
+def load_runtime(path):
     # an exported model file in the runtime its format runs in
     path = Path(path)
     kind = EXPORTED_SUFFIXES.get(path.suffix.lower())
@@ -157,7 +157,7 @@ def open_model(path, overrides=None, device="auto"):
                              "whose settings are fixed in its metadata.json")
         metadata = read_metadata(path)
         steps = metadata["preprocessing"]
-        return OpenedModel(load_runtime(path, metadata), metadata["model"],
+        return OpenedModel(load_runtime(path), metadata["model"],
                            usable_threshold(metadata["threshold"], path.parent / METADATA_FILE),
                            tuple(steps["image_size"]), tuple(steps["center_crop"]) if steps["center_crop"] else None,
                            tuple(steps["mean"]), tuple(steps["std"]), path)

@@ -29,7 +29,7 @@ def resolve_normalization(normalization="imagenet"):
     return mean, std
 
 
-def _size_pair(size, name):
+def size_pair(size, name):
     if size is None:
         return None
     if isinstance(size, int):
@@ -45,8 +45,8 @@ class PairedTransform:
     handles_masks = True
 
     def __init__(self, image_size=256, center_crop=None, mean=IMAGENET_MEAN, std=IMAGENET_STD, hflip=0.0):
-        self.image_size = _size_pair(image_size, "image_size")
-        self.center_crop = _size_pair(center_crop, "center_crop")
+        self.image_size = size_pair(image_size, "image_size")
+        self.center_crop = size_pair(center_crop, "center_crop")
         if self.center_crop and (self.center_crop[0] > self.image_size[0] or self.center_crop[1] > self.image_size[1]):
             raise ValueError(f"center_crop {center_crop} is larger than image_size {image_size}")
         self.mean = tuple(mean)
