@@ -4,8 +4,13 @@
 # scoring) in the same runtime, process, inputs and threads. Each model.pt is exported with
 # `anomaly-detection export` (so its parity is checked on the way) and its bare networks are exported the same
 # way, so the two rates of a runtime compare the same engine.
+# With --parity-images DIR it also scores real images (up to --parity-count, found recursively) with each
+# exported file and with the checkpoint through `predict`'s own path, and records the worst relative score
+# difference and the label agreement at the saved threshold: the parity table of the deployment issue.
 #   python benchmarks/inference_speed.py --checkpoints a/model.pt,b/model.pt [--batches 1,32] [--images 32]
+#       [--parity-images ../shared/data/magnetic_tile/test --parity-count 64]
 import argparse
+import json
 import tempfile
 import time
 import warnings
@@ -15,6 +20,7 @@ import torch
 from torch import nn
 
 from anomaly_detection.export import MODEL_FILES, example_images, export_checkpoint
+from anomaly_detection.predict import find_images, predict_images
 from anomaly_detection.runtimes import load_runtime, open_model
 from record import append_record, results_path, typed_command
 
@@ -95,20 +101,44 @@ def images_per_second(runtime, images, minimum_images, threshold=0.0):
     return repeats * images.shape[0] / (time.perf_counter() - started)
 
 
+def spread(paths, count):
+    # every k-th file, so a folder sorted by defect type gives some of each
+    return paths[::max(1, len(paths) // count)][:count]
+
+
+def real_image_parity(checkpoint, exported, paths):
+    # the checkpoint and the exported file score the same files through predict's path (its transform, batches
+    # of 16, the saved threshold)
+    expected = list(predict_images(open_model(checkpoint, device="cpu"), paths, batch_size=16, progress=False))
+    found = list(predict_images(open_model(exported, device="cpu"), paths, batch_size=16, progress=False))
+    worst = max(abs(a["pred_score"] - b["pred_score"]) / max(abs(a["pred_score"]), 1e-12)
+                for a, b in zip(expected, found))
+    agree = sum(a.get("pred_label") == b.get("pred_label") for a, b in zip(expected, found))
+    return {"parity_images": len(paths), "parity_worst_relative_score_difference": worst,
+            "parity_label_agreement": f"{agree}/{len(paths)}",
+            "parity_positive_labels": sum(a.get("pred_label") == 1 for a in expected)}
+
+
 def measure(checkpoint, args, work):
     opened = open_model(checkpoint, device="cpu")
     model, name = opened.runtime.model, opened.model_name
     config = torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]
     bare = BareNetworks(model, name).eval()
     example = example_images(config, 2)
+    parity_paths = spread(find_images(args.parity_images), args.parity_count) if args.parity_images else []
     rows = []
     for runtime_name, fmt in RUNTIMES.items():
+        parity = {}
         if fmt is None:
             full = opened.runtime
         else:
             folder = work / name / fmt
             export_checkpoint(checkpoint, fmt, folder)
             full = load_runtime(folder / MODEL_FILES[fmt])
+            parity = json.loads((folder / "metadata.json").read_text())["parity"]
+            parity = {"generated_" + key: value for key, value in parity.items()}
+            if parity_paths:
+                parity.update(real_image_parity(checkpoint, folder / MODEL_FILES[fmt], parity_paths))
         bare_runtime = BareRuntime(bare, runtime_name, example, work / name / (fmt or "pytorch"))
         for batch in args.batches:
             images = example_images(config, batch, seed=batch)
@@ -117,7 +147,8 @@ def measure(checkpoint, args, work):
             row = {"model": name, "backbone": config["model"].get("backbone"),
                    "image_size": list(images.shape[-2:]), "runtime": runtime_name, "batch": batch,
                    "images_per_s": round(full_rate, 3), "bare_images_per_s": round(bare_rate, 3),
-                   "ratio_to_bare": round(full_rate / bare_rate, 3), "threads": torch.get_num_threads()}
+                   "ratio_to_bare": round(full_rate / bare_rate, 3), "threads": torch.get_num_threads(),
+                   **(parity if batch == args.batches[0] else {})}
             print(row, flush=True)
             rows.append(row)
     return rows
@@ -128,6 +159,8 @@ def main():
     parser.add_argument("--checkpoints", required=True, help="comma-separated model.pt files")
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--images", type=int, default=32, help="at least this many images timed per figure")
+    parser.add_argument("--parity-images", default=None, help="a folder of real images for the parity check")
+    parser.add_argument("--parity-count", type=int, default=64)
     parser.add_argument("--label", default="")
     parser.add_argument("--out", default=str(results_path(__file__)))
     args = parser.parse_args()

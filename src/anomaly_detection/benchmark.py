@@ -27,7 +27,9 @@ def add_arguments(parser):
     parser.add_argument("--dataset", default="mvtec")
     parser.add_argument("--category", default="all", help="'all' or a comma-separated list")
     parser.add_argument("--output", required=True, help="folder for results.csv, report.md, the runs and logs")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every cell")
+    parser.add_argument("overrides", nargs="*", metavar="[model:]key=value",
+                        help="config overrides for every cell, or with a model prefix (stfpm:model.layers=[...]) "
+                             "for that model's cells only")
 
 
 def parse_models(text):
@@ -40,13 +42,31 @@ def parse_models(text):
     return models
 
 
+def overrides_for(model, overrides, models):
+    # "key=value" goes to every cell; "model:key=value" only to that model's cells (a layer list or a learning
+    # rate rarely suits every model of a grid). A prefix naming no model of the grid is a typo, not a no-op.
+    chosen = []
+    for override in overrides:
+        key, separator, value = override.partition("=")
+        prefix, colon, bare_key = key.partition(":")
+        if not colon:
+            chosen.append(override)
+            continue
+        if prefix not in models:
+            raise ValueError(f"Override {override!r}: {prefix!r} is not a model of this grid ({', '.join(models)}); "
+                             "expected model:key=value with one of them, or key=value for every model")
+        if prefix == model:
+            chosen.append(f"{bare_key}{separator}{value}")
+    return chosen
+
+
 def grid_cells(models, dataset, category, overrides):
     # every cell's config is built (so checked) before the first cell runs
     from anomaly_detection.cli import resolve_categories
     from anomaly_detection.runner import build_config
     cells = []
     for model in models:
-        config = build_config(model, dataset, overrides)
+        config = build_config(model, dataset, overrides_for(model, overrides, models))
         cells += [(model, name) for name in resolve_categories(config, None if category is None else category)]
     return cells
 
@@ -210,7 +230,8 @@ def run(args):
             continue
         logger.info("benchmark: %s / %s (%d of %d)", model, category, cells.index((model, category)) + 1,
                     len(cells))
-        rows[(model, category)] = run_cell(model, args.dataset, category, args.overrides, output)
+        rows[(model, category)] = run_cell(model, args.dataset, category,
+                                           overrides_for(model, args.overrides, models), output)
         ran += 1
         write_results(results_path, [rows[cell] for cell in cells if cell in rows])
     ordered = [rows[cell] for cell in cells]

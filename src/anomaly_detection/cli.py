@@ -199,10 +199,10 @@ def main(argv=None):
     from anomaly_detection.models import MODEL_COMMANDS
     args = build_parser().parse_args(argv)
     # under torchrun (WORLD_SIZE > 1 in the environment): one process per device, NCCL on CUDA, gloo on CPU;
-    # the first process logs and prints, the others only warn
+    # the first process logs, warns and prints; the others report errors only (each warning once, not N times)
     distributed.init_distributed()
     main_process = distributed.is_main()
-    setup_logging() if main_process else setup_logging(logging.WARNING)
+    setup_logging() if main_process else setup_logging(logging.ERROR)
     modules = dict(MODULE_COMMANDS, **MODEL_COMMANDS)
     try:
         if args.command in modules:

@@ -119,27 +119,34 @@ def gather_rows(tensor, destination=0):
         return [tensor]
     counts = all_gather_objects(int(tensor.shape[0]))
     device = collective_device()
-    largest = max(counts)
-    padded = torch.zeros((largest,) + tuple(tensor.shape[1:]), dtype=tensor.dtype, device=device)
-    padded[:tensor.shape[0]] = tensor.to(device)
-    if rank() == destination:
-        buffers = [torch.empty_like(padded) for _ in range(world_size())]
-        dist.gather(padded, buffers, dst=destination)
-        return [buffer[:count].to(tensor.device) for buffer, count in zip(buffers, counts)]
-    dist.gather(padded, None, dst=destination)
-    return None
+    # 16-bit floats travel as their bits: gloo has no bfloat16, and bits cannot round
+    sent = tensor.view(torch.int16) if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+    padded = torch.zeros((max(counts),) + tuple(sent.shape[1:]), dtype=sent.dtype, device=device)
+    padded[:sent.shape[0]] = sent.to(device)
+    if rank() != destination:
+        dist.gather(padded, None, dst=destination)
+        return None
+    buffers = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.gather(padded, buffers, dst=destination)
+    return [buffer[:count].to(tensor.device).view(tensor.dtype) for buffer, count in zip(buffers, counts)]
 
 
 class ShardSampler(Sampler):
-    # rank r takes samples r, r + N, r + 2N, ... of the dataset's order: no sample twice, none padded in (so a
-    # sum or a metric over the gathered shards is the one-process one); counts differ by at most one
-    def __init__(self, dataset, shard_rank=None, shards=None):
+    # Rank r takes the dataset's batches r, r + N, r + 2N, ... of batch_size items each, in the dataset's order:
+    # no sample twice and none padded in (a sum or a metric over the gathered shards is the one-process one), and
+    # every batch a process runs is exactly a batch one process would run, so its outputs are bit for bit the
+    # one-process ones (a batch of other images may take other kernels and round differently). The loader's
+    # batch size must be batch_size; counts differ by at most one batch.
+    def __init__(self, dataset, batch_size=1, shard_rank=None, shards=None):
         self.length = len(dataset)
+        self.batch_size = int(batch_size)
         self.shard_rank = rank() if shard_rank is None else shard_rank
         self.shards = world_size() if shards is None else shards
 
     def indices(self):
-        return list(range(self.shard_rank, self.length, self.shards))
+        step = self.batch_size * self.shards
+        return [index for start in range(self.shard_rank * self.batch_size, self.length, step)
+                for index in range(start, min(start + self.batch_size, self.length))]
 
     def __iter__(self):
         return iter(self.indices())
@@ -148,14 +155,34 @@ class ShardSampler(Sampler):
         return len(self.indices())
 
 
-def interleave_shards(shards):
-    # the inverse of ShardSampler: items of rank r at position k go back to position k * N + r
+def interleave_batches(shards):
+    # the inverse of ShardSampler for lists of batches: rank r's k-th batch was the dataset's batch k * N + r
     merged = []
     for position in range(max((len(shard) for shard in shards), default=0)):
-        for shard in shards:
-            if position < len(shard):
-                merged.append(shard[position])
+        merged += [shard[position] for shard in shards if position < len(shard)]
     return merged
+
+
+def merge_shards(parts, block=1):
+    # the inverse of ShardSampler(batch_size=block) for lists, arrays or tensors whose first axis holds the items
+    # of each rank's shard in the order it read them
+    batches = interleave_batches([[part[start:start + block] for start in range(0, len(part), block)]
+                                  for part in parts])
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(batches) if batches else first[:0]
+    if isinstance(first, list):
+        return [item for batch in batches for item in batch]
+    import numpy as np
+    return np.concatenate(batches) if batches else first[:0]
+
+
+def gather_batches_to_all(batches):
+    # every rank's list of batch outputs (tensors moved to the CPU), in the dataset's batch order, on every rank
+    if not active():
+        return list(batches)
+    return interleave_batches(all_gather_objects([batch.cpu() if isinstance(batch, torch.Tensor) else batch
+                                                  for batch in batches]))
 
 
 # ---- DistributedDataParallel around the trainable parts only --------------------------------------------------
@@ -210,24 +237,3 @@ def rewrap_parts(wrapped):
             parent[int(name)] = ddp
         else:
             setattr(parent, name, ddp)
-
-
-def merge_shards(parts):
-    # the inverse of ShardSampler for arrays or tensors whose first axis is the items of each rank's shard
-    total = sum(len(part) for part in parts)
-    first = parts[0]
-    if isinstance(first, torch.Tensor):
-        merged = torch.empty((total,) + tuple(first.shape[1:]), dtype=first.dtype)
-    else:
-        import numpy as np
-        merged = np.empty((total,) + tuple(first.shape[1:]), dtype=first.dtype)
-    for index, part in enumerate(parts):
-        merged[index::len(parts)] = part
-    return merged
-
-
-def gather_shards_to_all(value):
-    # a shard's items (first axis) from every rank, merged into the dataset's order, on every rank
-    if not active():
-        return value
-    return merge_shards(all_gather_objects(value.cpu() if isinstance(value, torch.Tensor) else value))

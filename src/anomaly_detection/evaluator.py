@@ -60,7 +60,7 @@ class Evaluator:
             raise ValueError("native-resolution pixel metrics need the whole test split in one process: "
                              "build the loader without a ShardSampler")
         parts = distributed.all_gather_objects(local) if gather_to == "all" else distributed.gather_objects(local)
-        return merge_predictions(parts) if parts is not None else None
+        return merge_predictions(parts, loader.sampler.batch_size) if parts is not None else None
 
     def predict_local(self, loader, keep_maps, pixel_resolution):
         self.model.eval()
@@ -125,7 +125,8 @@ class Evaluator:
         # computes the metrics and writes the results from every process's scores; the others get the metrics
         keep_maps = self.pixel_resolution == "input" or (self.figures and self.output_dir is not None)
         sharded = isinstance(getattr(test_loader, "sampler", None), distributed.ShardSampler)
-        if distributed.is_main() or sharded:
+        # a model whose forward is a collective (PatchCore's sharded search) runs on every process, on every image
+        if distributed.is_main() or sharded or getattr(self.model, "collective_forward", False):
             predictions = self.predict(test_loader, keep_maps=keep_maps, pixel_resolution=self.pixel_resolution,
                                        gather_to="main")
         metrics = None
@@ -184,14 +185,12 @@ class Evaluator:
                                folder / "panels" / name, vmin=vmin, vmax=vmax)
 
 
-def merge_predictions(parts):
-    # the inverse of ShardSampler: item k of process r was item k * N + r of the dataset
+def merge_predictions(parts, batch_size):
+    # the inverse of ShardSampler: process r scored the dataset's batches r, r + N, ...
     merged = dict(parts[0])
-    for key in ("scores", "labels", "maps", "masks"):
+    for key in ("scores", "labels", "maps", "masks", "image_paths", "defect_types"):
         if parts[0][key] is not None:
-            merged[key] = distributed.merge_shards([part[key] for part in parts])
-    for key in ("image_paths", "defect_types"):
-        merged[key] = distributed.interleave_shards([part[key] for part in parts])
+            merged[key] = distributed.merge_shards([part[key] for part in parts], batch_size)
     merged["has_masks"] = any(part["has_masks"] for part in parts)
     merged["predict_s"] = max(part["predict_s"] for part in parts)
     return merged

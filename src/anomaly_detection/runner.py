@@ -62,29 +62,35 @@ def build_loaders(config, category):
         # validation images are scored like test images: no training augmentation (same files, checked above)
         val_set.dataset = build_dataset(dict(config["dataset"], check_files=False), "train", test_transform,
                                         category=category)
-    train_loader = create_dataloader(train_set, training["batch_size"], shuffle=True, num_workers=data["num_workers"],
-                                     sampler=train_sampler(config, train_set))
+    # a one-pass model reads the training images once, in the dataset's order: its fit (PatchCore's coreset
+    # starts from an index into that order) is then the same for one process and for N
+    one_pass = issubclass(get_trainer_class(config["model"]["name"]), OnePassTrainer)
+    train_loader = create_dataloader(train_set, training["batch_size"], shuffle=not one_pass,
+                                     num_workers=data["num_workers"],
+                                     sampler=train_sampler(config, train_set, one_pass))
     val_loader = create_dataloader(val_set, data["eval_batch_size"], num_workers=data["num_workers"],
-                                   sampler=shard_sampler(val_set)) if val_set is not None else None
+                                   sampler=shard_sampler(config, val_set)) if val_set is not None else None
     return train_loader, val_loader, test_loader
 
 
-def train_sampler(config, train_set):
+def train_sampler(config, train_set, one_pass):
     # under torchrun each process reads its share of the training images. A gradient-trained model gets
     # PyTorch's DistributedSampler (reshuffled each epoch; it repeats a few images so every process runs as many
-    # steps); a one-pass model must see every image exactly once, so it gets disjoint shards
+    # steps); a one-pass model must see every image exactly once, so it gets disjoint shards of whole batches
     if not distributed.active():
         return None
-    if issubclass(get_trainer_class(config["model"]["name"]), OnePassTrainer):
-        return distributed.ShardSampler(train_set)
+    if one_pass:
+        return distributed.ShardSampler(train_set, config["training"]["batch_size"])
     from torch.utils.data.distributed import DistributedSampler
     return DistributedSampler(train_set, num_replicas=distributed.world_size(), rank=distributed.rank(),
                               shuffle=True, seed=int(config["seed"]))
 
 
-def shard_sampler(dataset):
-    # validation and test images: disjoint shards, gathered back into the dataset's order for the metrics
-    return distributed.ShardSampler(dataset) if distributed.active() else None
+def shard_sampler(config, dataset):
+    # validation and test images: disjoint shards of whole batches, gathered back into the dataset's order
+    if not distributed.active() or get_trainer_class(config["model"]["name"]).scores_whole_splits(config):
+        return None
+    return distributed.ShardSampler(dataset, config["data"]["eval_batch_size"])
 
 
 def build_test_loader(config, category, test_transform=None):
@@ -93,7 +99,7 @@ def build_test_loader(config, category, test_transform=None):
     # native-resolution pixel metrics read every mask at its own size: the first process scores the whole split
     sharded = config["evaluation"]["pixel_resolution"] == "input"
     return create_dataloader(test_set, config["data"]["eval_batch_size"], num_workers=config["data"]["num_workers"],
-                             sampler=shard_sampler(test_set) if sharded else None)
+                             sampler=shard_sampler(config, test_set) if sharded else None)
 
 
 def make_evaluator(config, model, results_dir):

@@ -77,6 +77,12 @@ class BaseTrainer:
         return model
 
     @classmethod
+    def scores_whole_splits(cls, config):
+        # under torchrun validation and test images are split over the processes, unless the model's forward is
+        # itself a collective (PatchCore's sharded search), which needs every process on the same images
+        return False
+
+    @classmethod
     def from_config(cls, config, model=None, **options):
         model = model if model is not None else cls.build_model(config)
         return cls(model, **trainer_arguments(config), **options)

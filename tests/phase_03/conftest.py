@@ -1,4 +1,5 @@
 # tests/phase_03/conftest.py
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +16,10 @@ def tiny_run(tmp_path_factory, make_overrides, one_thread):
     with one_thread():
         summary = train_and_evaluate(config)
     dirs = output_dirs(config, "demo")
+    # read now: later tests run `test` on this model, which writes the results folder's summary.json again
+    written_summary = json.loads((dirs["results"] / "summary.json").read_text())
     return SimpleNamespace(root=root, overrides=overrides, config=config, summary=summary, dirs=dirs,
+                           written_summary=written_summary,
                            data_root=root / "data", category="demo",
                            model_path=dirs["checkpoints"] / "model.pt")
 

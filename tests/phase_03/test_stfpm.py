@@ -182,7 +182,8 @@ def test_end_to_end_runner_summary_and_outputs(tiny_run):
     metrics = json.loads((results / "metrics.json").read_text())
     assert metrics["image_auroc"] == pytest.approx(summary["image_auroc"])
     assert metrics["aupro"] == pytest.approx(summary["aupro"])
-    assert json.loads((results / "summary.json").read_text())["checkpoint"] == str(tiny_run.model_path)
+    assert tiny_run.written_summary["checkpoint"] == str(tiny_run.model_path)
+    assert tiny_run.written_summary["image_auroc"] == summary["image_auroc"]
     for name in ("scores.csv", "config.yaml", "figures/roc_curve.png", "figures/score_histogram.png"):
         assert (results / name).is_file(), name
     assert list((results / "figures" / "panels").glob("*.png"))

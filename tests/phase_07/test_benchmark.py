@@ -82,3 +82,12 @@ def test_unknown_model_is_refused_before_any_cell_runs(tmp_path):
                       "--output", str(tmp_path / "grid")])
     assert result.code == 2 and "Unknown model 'nosuch'" in result.err
     assert not (tmp_path / "grid" / "results.csv").exists()
+
+
+def test_model_prefixed_overrides_reach_only_that_models_cells():
+    from anomaly_detection.benchmark import overrides_for
+    overrides = ["seed=1", "stfpm:model.layers=[layer1,layer2]", "padim:model.n_features=10"]
+    assert overrides_for("stfpm", overrides, ["stfpm", "padim"]) == ["seed=1", "model.layers=[layer1,layer2]"]
+    assert overrides_for("padim", overrides, ["stfpm", "padim"]) == ["seed=1", "model.n_features=10"]
+    with pytest.raises(ValueError, match="'patchcore' is not a model of this grid"):
+        overrides_for("stfpm", ["patchcore:model.coreset_ratio=0.01"], ["stfpm", "padim"])

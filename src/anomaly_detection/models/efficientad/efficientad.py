@@ -8,7 +8,7 @@ from torch import nn
 
 from anomaly_detection import distributed
 from anomaly_detection.config import FROM_YAML, fill_from_yaml
-from anomaly_detection.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from anomaly_detection.data.transforms import IMAGENET_MEAN, IMAGENET_STD, size_pair
 from anomaly_detection.models.components import quantile_normalization, quantiles, upsample_map
 
 MODEL_SIZES = ("small", "medium")
@@ -109,12 +109,6 @@ def hard_feature_loss(teacher, student, quantile=0.999):
     return distance[distance >= hard].mean()
 
 
-def size_pair(image_size):
-    if isinstance(image_size, int):
-        return (image_size, image_size)
-    return tuple(int(v) for v in image_size)
-
-
 class EfficientADModel(nn.Module):
     def __init__(self, model_size=FROM_YAML, out_channels=FROM_YAML, padding=FROM_YAML, pad_maps=FROM_YAML,
                  pretrained=FROM_YAML, teacher_weights=FROM_YAML, hard_quantile=FROM_YAML, map_quantiles=FROM_YAML,
@@ -133,7 +127,7 @@ class EfficientADModel(nn.Module):
         self.hard_quantile = float(args["hard_quantile"])
         self.map_quantiles = tuple(float(q) for q in args["map_quantiles"])
         self.map_target = float(args["map_target"])
-        self.image_size = size_pair(image_size)
+        self.image_size = size_pair(image_size, "model.image_size")
         check_image_size(self.image_size, self.model_size, self.padding)
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
 

@@ -12,8 +12,8 @@ from torchvision.transforms.v2 import functional as TF
 from anomaly_detection import distributed
 from anomaly_detection.config import FROM_YAML, fill_from_yaml
 from anomaly_detection.data.datasets import IMAGE_EXTENSIONS
-from anomaly_detection.data.transforms import resolve_normalization
-from anomaly_detection.models.efficientad.efficientad import EfficientADModel, size_pair
+from anomaly_detection.data.transforms import resolve_normalization, size_pair
+from anomaly_detection.models.efficientad.efficientad import EfficientADModel
 from anomaly_detection.models.efficientad.export import ExportableEfficientAD
 from anomaly_detection.trainer import BaseTrainer, model_arguments, trainer_arguments
 from anomaly_detection.utils import logger
@@ -167,7 +167,7 @@ class EfficientADTrainer(BaseTrainer):
         # written, so every checkpoint (and the threshold calibrated on it) carries the quantiles of its weights
         # under torchrun: every process's validation maps, in the images' order, so the quantiles (and their
         # sampling of large maps) are those of one process
-        maps = [distributed.gather_shards_to_all(torch.cat(part)) for part in self._maps]
+        maps = [torch.cat(distributed.gather_batches_to_all(part)) for part in self._maps]
         values = self.model.fit_map_quantiles(*([m] for m in maps))
         self._maps = None
         logger.info("EfficientAD map quantiles %s from the validation images", values)
@@ -210,7 +210,7 @@ class PenaltyImages:
     # input size, grey-scale with probability 0.3, centre crop to the input size)
     def __init__(self, folder, image_size, mean, std):
         self.paths = readable_images(folder)
-        height, width = size_pair(image_size)
+        height, width = size_pair(image_size, "data.image_size")
         self.transform = T.Compose([T.Resize((2 * height, 2 * width), antialias=True), T.RandomGrayscale(0.3),
                                     T.CenterCrop((height, width))])
         self.mean, self.std = mean, std

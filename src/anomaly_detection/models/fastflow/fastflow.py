@@ -77,7 +77,7 @@ class NormalizingFlow2d(nn.Module):
         return z
 
 
-def _size_pair(value):
+def input_size_pair(value):
     pair = list(value) if isinstance(value, (list, tuple)) else [value, value]
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 8 for v in pair):
         raise ValueError(f"FastFlow input_size must be an integer >= 8 or [height, width], got {value!r}")
@@ -99,7 +99,7 @@ class FastFlowModel(nn.Module):
         check_hyper_parameters(args)
         backbone = args["backbone"]
         self.backbone_name = backbone
-        self.input_size = _size_pair(input_size)
+        self.input_size = input_size_pair(input_size)
         self.layers = layers_or_default(backbone, args["layers"], DEFAULT_LAYERS, "FastFlow")
         self.feature_extractor = FeatureExtractor(backbone, self.layers, pretrained=args["pretrained"],
                                                   weights=args["weights"], backbone_root=backbone_root, frozen=True)

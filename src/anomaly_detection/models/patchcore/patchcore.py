@@ -12,6 +12,7 @@ from anomaly_detection.config import FROM_YAML, fill_from_yaml
 from anomaly_detection.models.backbones import FeatureExtractor, layers_or_default
 from anomaly_detection.models.components import FittedBuffersMixin, gaussian_blur, upsample_map
 from anomaly_detection.models.patchcore.coreset import greedy_coreset_indices, rows_per_chunk
+from anomaly_detection.models.patchcore.sharded_search import ShardedBank
 
 # model.layers: null takes these: the two middle stages, as in the paper (wide_resnet50_2 layer2, layer3)
 RESNET_LAYERS = ["layer2", "layer3"]
@@ -31,13 +32,15 @@ class PatchCoreModel(FittedBuffersMixin, nn.Module):
     def __init__(self, backbone=FROM_YAML, layers=FROM_YAML, pretrained=FROM_YAML, weights=FROM_YAML,
                  backbone_root=None, pretrain_dim=FROM_YAML, target_dim=FROM_YAML, coreset_ratio=FROM_YAML,
                  num_neighbors=FROM_YAML, projection_dim=FROM_YAML, memory_budget_mb=FROM_YAML,
-                 feature_dtype=FROM_YAML, search_backend=FROM_YAML, seed=0, blur_sigma=FROM_YAML):
+                 feature_dtype=FROM_YAML, search_backend=FROM_YAML, seed=0, blur_sigma=FROM_YAML,
+                 sharded_search=FROM_YAML):
         super().__init__()
         args = fill_from_yaml("patchcore", "model", {
             "backbone": backbone, "layers": layers, "pretrained": pretrained, "weights": weights,
             "pretrain_dim": pretrain_dim, "target_dim": target_dim, "coreset_ratio": coreset_ratio,
             "num_neighbors": num_neighbors, "projection_dim": projection_dim, "memory_budget_mb": memory_budget_mb,
-            "feature_dtype": feature_dtype, "search_backend": search_backend, "blur_sigma": blur_sigma})
+            "feature_dtype": feature_dtype, "search_backend": search_backend, "blur_sigma": blur_sigma,
+            "sharded_search": sharded_search})
         backbone, pretrain_dim, target_dim = args["backbone"], args["pretrain_dim"], args["target_dim"]
         coreset_ratio, num_neighbors = args["coreset_ratio"], args["num_neighbors"]
         projection_dim = args["projection_dim"]
@@ -57,6 +60,11 @@ class PatchCoreModel(FittedBuffersMixin, nn.Module):
             raise ValueError(f"model.feature_dtype must be one of {', '.join(FEATURE_DTYPES)}, got {feature_dtype}")
         if search_backend not in SEARCH_BACKENDS:
             raise ValueError(f"model.search_backend must be one of {', '.join(SEARCH_BACKENDS)}, got {search_backend}")
+        if not isinstance(args["sharded_search"], bool):
+            raise ValueError(f"model.sharded_search must be true or false, got {args['sharded_search']!r}")
+        if args["sharded_search"] and search_backend == "faiss":
+            raise ValueError("model.sharded_search=true searches each process's block with torch: "
+                             "use model.search_backend torch or auto")
         self.feature_extractor = FeatureExtractor(
             backbone, layers_or_default(backbone, args["layers"], DEFAULT_LAYERS, "PatchCore"),
             pretrained=args["pretrained"], weights=args["weights"], backbone_root=backbone_root, frozen=True)
@@ -70,7 +78,8 @@ class PatchCoreModel(FittedBuffersMixin, nn.Module):
         self.projection_dim = None if projection_dim is None else int(projection_dim)
         self.memory_budget_mb = float(memory_budget_mb)
         self.feature_dtype = FEATURE_DTYPES[feature_dtype]
-        self.search_backend = resolve_search_backend(search_backend)
+        self.sharded_search = args["sharded_search"]
+        self.search_backend = "torch" if self.sharded_search else resolve_search_backend(search_backend)
         self.seed = int(seed)
         self.blur_sigma = float(args["blur_sigma"])
         self.embedding_dim = self._embedding_dim()
@@ -78,6 +87,7 @@ class PatchCoreModel(FittedBuffersMixin, nn.Module):
         self.store = None
         self.fit_timings = {}
         self._faiss_index = None
+        self._sharded = None
 
     def _embedding_dim(self):
         if self.target_dim is not None:
@@ -160,6 +170,7 @@ class PatchCoreModel(FittedBuffersMixin, nn.Module):
         coreset_s = time.perf_counter() - started
         self.memory_bank = bank
         self._faiss_index = None
+        self._sharded = None
         self.fit_timings.update({"num_images": images, "num_patches": distributed.broadcast_object(
             None if features is None else int(features.shape[0])), "memory_bank_size": int(bank.shape[0]),
             "coreset_s": coreset_s})
@@ -167,35 +178,50 @@ class PatchCoreModel(FittedBuffersMixin, nn.Module):
         return self.fit_timings
 
     def gathered_features(self):
-        # one process: its patches. Under torchrun: every process's patches on the first one (None elsewhere),
-        # put back in the images' order (process r held images r, r + N, ...), so the coreset is the one a single
-        # process selects from the same features. The first process then holds all of them, as one process
-        # would: its memory bounds the bank's source, not the number of processes
+        # One process: its patches. Under torchrun: every process's patches on the first one (None elsewhere), put
+        # back in the images' order (process r read the dataset's batches r, r + N, ...: distributed.ShardSampler),
+        # so the coreset is selected once, from the features one process would have stored. The first process
+        # then holds every training patch, as one process would (twice over while the shares are merged): its
+        # memory, not the number of processes, bounds the training set; the bank itself is coreset_ratio of it.
         features, images = self.store.features(), self.store.images
         if not distributed.active():
             return features, images
-        # measured 2026-12-01: 2 processes selected a bank that differs from one process's (demo data, image
-        # AUROC 0.9917 against 0.9933); until that is found, refuse rather than print different numbers
-        raise RuntimeError("PatchCore under torchrun does not yet reproduce the one-process memory bank: "
-                           "fit PatchCore with one process (without torchrun)")
-        per_image = features.shape[0] // max(1, images)
-        counts = distributed.all_gather_objects(images)
+        batch_images = distributed.all_gather_objects(self.store.batch_images)
         parts = distributed.gather_rows(features)
         if parts is None:
-            return None, sum(counts)
-        blocks = [part.view(count, per_image, -1) for part, count in zip(parts, counts)]
-        merged = distributed.merge_shards([block.cpu() for block in blocks]).to(features.device)
-        return merged.view(-1, merged.shape[-1]), sum(counts)
+            return None, sum(map(sum, batch_images))
+        per_image = features.shape[0] // max(1, images)
+        batches = []
+        for part, counts in zip(parts, batch_images):
+            batches.append(list(part.split([count * per_image for count in counts])))
+        merged = torch.cat(distributed.interleave_batches(batches))
+        return merged, sum(map(sum, batch_images))
 
     def on_fitted_buffers_loaded(self):
         self._faiss_index = None
+        self._sharded = None
+
+    @property
+    def collective_forward(self):
+        # under torchrun with model.sharded_search every process takes part in every search: the evaluator must
+        # then run every process over the same images
+        return self.sharded_search and distributed.active()
+
+    def sharded_bank(self):
+        # built at the first search after a fit or a load: this process keeps its block of the bank and, unless
+        # it is the first (which saves the checkpoints), frees the whole one
+        if self._sharded is None:
+            self._sharded = ShardedBank(self.memory_bank, self.search_block)
+            if not distributed.is_main():
+                self.memory_bank = self.memory_bank[:0].clone()
+        return self._sharded
 
     # ---- scoring -----------------------------------------------------------------------------------
     def forward(self, images):
         embedding = self.embed(images)
         if self.training:
             return embedding
-        if self.memory_bank.shape[0] == 0:
+        if self.bank_size() == 0:
             raise RuntimeError("PatchCore has an empty memory bank: fit it on normal images first")
         batch, dim, height, width = embedding.shape
         queries = embedding.permute(0, 2, 3, 1).reshape(-1, dim)
@@ -211,18 +237,29 @@ class PatchCoreModel(FittedBuffersMixin, nn.Module):
             return best_score
         rows = torch.arange(patch_scores.shape[0], device=patch_scores.device)
         test_patch = queries[rows, best_patch]
-        nearest = self.memory_bank[locations[rows, best_patch]]
+        nearest = self.bank_rows(locations[rows, best_patch])
         # the paper's re-weighting: w = 1 - exp|m_test - m*| / sum over N_b(m*) of exp|m_test - m|;
         # N_b(m*) holds m* itself first, and softmax keeps the exponentials finite
-        _, support = self.search(nearest, min(self.num_neighbors, self.memory_bank.shape[0]))
-        distances = torch.linalg.vector_norm(self.memory_bank[support] - test_patch[:, None], dim=2)
+        _, support = self.search(nearest, min(self.num_neighbors, self.bank_size()))
+        distances = torch.linalg.vector_norm(self.bank_rows(support) - test_patch[:, None], dim=2)
         weights = 1.0 - torch.softmax(distances, dim=1)[:, 0]
         return weights * best_score
 
     def search(self, queries, k):
+        if self.collective_forward:
+            return self.sharded_bank().search(queries, k)
         if self.search_backend == "faiss":
             return self._faiss_search(queries, k)
-        return nearest_neighbours(queries, self.memory_bank, k, self.memory_budget_mb)
+        return self.search_block(queries, self.memory_bank, k)
+
+    def search_block(self, queries, bank, k):
+        return nearest_neighbours(queries, bank, k, self.memory_budget_mb)
+
+    def bank_size(self):
+        return self.sharded_bank().total if self.collective_forward else self.memory_bank.shape[0]
+
+    def bank_rows(self, indices):
+        return self.sharded_bank().rows(indices) if self.collective_forward else self.memory_bank[indices]
 
     def _faiss_search(self, queries, k):
         import faiss
@@ -243,6 +280,7 @@ class FeatureStore:
         self.buffer = None
         self.size = 0
         self.images = 0
+        self.batch_images = []  # images per appended batch, to put the shares of N processes back in order
 
     def append(self, embedding):
         batch, dim, height, width = embedding.shape
@@ -252,6 +290,7 @@ class FeatureStore:
         target.copy_(embedding.permute(0, 2, 3, 1))
         self.size += rows
         self.images += batch
+        self.batch_images.append(batch)
 
     def _reserve(self, rows, per_image):
         needed = self.size + rows

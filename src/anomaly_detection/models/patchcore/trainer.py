@@ -10,5 +10,10 @@ class PatchCoreTrainer(OnePassTrainer):
         return PatchCoreModel(**model_arguments(config, pretrained), seed=config["seed"])
 
     @classmethod
+    def scores_whole_splits(cls, config):
+        # a search sharded over the processes needs every process on the same images
+        return bool(config["model"].get("sharded_search", False))
+
+    @classmethod
     def exportable_model(cls, model):
         return ExportablePatchCore(model)
