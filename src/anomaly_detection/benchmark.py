@@ -209,7 +209,8 @@ def plot_comparison(path, rows, models):
     axis.set_xticks(np.arange(len(categories)), categories, rotation=30, ha="right")
     axis.set_ylabel("image AUROC")
     axis.set_ylim(0.0, 1.0)
-    axis.legend()
+    # above the axes: inside, the legend covers the tallest bars
+    figure.legend(loc="outside upper center", ncols=min(len(models), 6))
     return atomic_save_figure(figure, path, dpi=100)
 
 

@@ -119,16 +119,17 @@ def gather_rows(tensor, destination=0):
         return [tensor]
     counts = all_gather_objects(int(tensor.shape[0]))
     device = collective_device()
-    # 16-bit floats travel as their bits: gloo has no bfloat16, and bits cannot round
-    sent = tensor.view(torch.int16) if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
-    padded = torch.zeros((max(counts),) + tuple(sent.shape[1:]), dtype=sent.dtype, device=device)
+    # rows travel as their bytes: gloo knows neither bfloat16 nor int16, and bytes cannot round
+    sent = tensor.contiguous().view(torch.uint8) if tensor.dim() > 1 else tensor.view(-1, 1).view(torch.uint8)
+    padded = torch.zeros((max(counts),) + tuple(sent.shape[1:]), dtype=torch.uint8, device=device)
     padded[:sent.shape[0]] = sent.to(device)
     if rank() != destination:
         dist.gather(padded, None, dst=destination)
         return None
     buffers = [torch.empty_like(padded) for _ in range(world_size())]
     dist.gather(padded, buffers, dst=destination)
-    return [buffer[:count].to(tensor.device).view(tensor.dtype) for buffer, count in zip(buffers, counts)]
+    return [buffer[:count].to(tensor.device).view(tensor.dtype).view((count,) + tuple(tensor.shape[1:]))
+            for buffer, count in zip(buffers, counts)]
 
 
 class ShardSampler(Sampler):
