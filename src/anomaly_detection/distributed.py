@@ -84,6 +84,16 @@ def all_gather_objects(obj):
     return gathered
 
 
+def all_gather_tensor(tensor):
+    # every rank's tensor of the same shape, in rank order, on every rank (on the tensor's own device)
+    if not active():
+        return [tensor]
+    moved = tensor.to(collective_device()).contiguous()
+    gathered = [torch.empty_like(moved) for _ in range(world_size())]
+    dist.all_gather(gathered, moved)
+    return [part.to(tensor.device) for part in gathered]
+
+
 def gather_objects(obj, destination=0):
     # every rank's object, in rank order, on `destination`; None elsewhere (what the others hold is not copied)
     if not active():

@@ -38,8 +38,8 @@ class ShardedBank:
             distances[:, :local_k] = found_distances
             indices[:, :local_k] = found + self.offset
         # every process's k candidates per query, in rank order (so in row order for equal distances)
-        all_distances = torch.cat(all_gather_same_shape(distances), dim=1)
-        all_indices = torch.cat(all_gather_same_shape(indices), dim=1)
+        all_distances = torch.cat(distributed.all_gather_tensor(distances), dim=1)
+        all_indices = torch.cat(distributed.all_gather_tensor(indices), dim=1)
         order = torch.sort(all_distances, dim=1, stable=True).indices[:, :k]
         return all_distances.gather(1, order), all_indices.gather(1, order)
 
@@ -49,11 +49,3 @@ class ShardedBank:
         rows = torch.zeros(tuple(indices.shape) + (self.dim,), dtype=self.block.dtype, device=self.block.device)
         rows[owned] = self.block[indices[owned] - self.offset]
         return distributed.all_reduce_sum(rows)
-
-
-def all_gather_same_shape(tensor):
-    device = distributed.collective_device()
-    moved = tensor.to(device).contiguous()
-    gathered = [torch.empty_like(moved) for _ in range(distributed.world_size())]
-    torch.distributed.all_gather(gathered, moved)
-    return [part.to(tensor.device) for part in gathered]
