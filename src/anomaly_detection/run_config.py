@@ -9,6 +9,9 @@ from anomaly_detection.utils import logger
 # Settings a trained model is bound to: changing them for test, predict or --resume would score images
 # with a model (and a threshold) made for other inputs, so they are refused rather than warned about.
 BINDING_KEYS = ("model.", "data.image_size", "data.center_crop", "data.normalization", "experiment.model")
+# ...except these model keys, which choose how a fitted PatchCore searches its bank (where, in what chunks, with
+# which arithmetic), not what it learned: the scores stay the exact search's (bfloat16: see the phase 4 guide)
+SEARCH_KEYS = ("model.search_backend", "model.search_precision", "model.memory_budget_mb", "model.sharded_search")
 # bookkeeping, not settings
 IGNORED_KEYS = ("experiment.overrides",)
 
@@ -48,6 +51,8 @@ def differences(old, new):
 
 def is_binding(key):
     # "model." binds every key under model; the others are single keys
+    if key in SEARCH_KEYS:
+        return False
     return any(key.startswith(prefix) if prefix.endswith(".") else key == prefix for prefix in BINDING_KEYS)
 
 

@@ -136,6 +136,54 @@ def test_frozen_extractor_keeps_eval_mode_and_bn_stats():
         assert torch.equal(value, before[key]), key
 
 
+def _randomize_batch_norms(module, generator):
+    for norm in module.modules():
+        if isinstance(norm, torch.nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                norm.running_mean.copy_(torch.randn(norm.num_features, generator=generator) * 0.2)
+                norm.running_var.copy_(torch.rand(norm.num_features, generator=generator) + 0.5)
+                norm.weight.copy_(torch.rand(norm.num_features, generator=generator) + 0.5)
+                norm.bias.copy_(torch.randn(norm.num_features, generator=generator) * 0.1)
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_frozen_extractor_runs_folded_batch_norms_with_the_same_features(name):
+    # random BatchNorm statistics, so a wrongly paired or skipped fold shows as a different feature
+    generator = torch.Generator().manual_seed(0)
+    stages = BACKBONES[name]["stages"]
+    extractor = FeatureExtractor(name, layers=list(range(len(stages))), pretrained=False)
+    _randomize_batch_norms(extractor.backbone, generator)
+    images = torch.rand(2, 3, 64, 64, generator=generator)
+    with torch.no_grad():
+        folded = extractor(images)
+        reference = {}
+        hidden = images
+        for names, layer in extractor._segments:
+            for step in names:
+                hidden = extractor.backbone.get_submodule(step)(hidden)
+            if layer is not None:
+                reference[layer] = hidden
+    inference = extractor.inference_backbone()
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in inference.modules())
+    for layer in stages:
+        scale = reference[layer].abs().max()
+        assert (folded[layer] - reference[layer]).abs().max() <= 1e-4 * scale, layer
+    assert set(extractor.state_dict()) == {f"backbone.{key}" for key in extractor.backbone.state_dict()}
+
+
+def test_folded_copy_follows_a_loaded_state_dict():
+    torch.manual_seed(0)
+    extractor = FeatureExtractor("resnet18", layers=["layer2"], pretrained=False)
+    images = torch.rand(1, 3, 32, 32)
+    before = extractor(images)["layer2"]
+    other = FeatureExtractor("resnet18", layers=["layer2"], pretrained=False)
+    _randomize_batch_norms(other.backbone, torch.Generator().manual_seed(1))
+    extractor.load_state_dict(other.state_dict())
+    after = extractor(images)["layer2"]
+    assert torch.allclose(after, other(images)["layer2"], atol=1e-5)
+    assert not torch.allclose(after, before, atol=1e-3)
+
+
 def test_unfrozen_extractor_trains():
     extractor = FeatureExtractor("resnet18", layers=["layer1"], pretrained=False, frozen=False)
     extractor.train()

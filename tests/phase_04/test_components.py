@@ -26,6 +26,22 @@ def test_gaussian_blur_keeps_mass_and_matches_scipy():
     assert torch.equal(gaussian_blur(maps, 0), maps)
 
 
+@pytest.mark.parametrize("size", [(40, 36), (9, 30), (5, 5)])
+def test_gaussian_blur_dense_and_convolution_paths_match_scipy_mirror_everywhere(size, monkeypatch):
+    # scipy's "mirror" does not repeat the edge pixel, as torch's "reflect" padding: equal up to the borders;
+    # (9, 30) and (5, 5) clip the 17-pixel radius to the shorter side
+    scipy_ndimage = pytest.importorskip("scipy.ndimage")
+    from anomaly_detection.models import components
+    maps = torch.rand(2, 1, *size, dtype=torch.float64)
+    dense = gaussian_blur(maps, 4.0)
+    monkeypatch.setattr(components, "DENSE_BLUR_MAX_SIDE", 0)
+    convolved = gaussian_blur(maps, 4.0)
+    radius = min(16, size[0] - 1, size[1] - 1)
+    reference = scipy_ndimage.gaussian_filter(maps[1, 0].numpy(), 4.0, mode="mirror", radius=radius)
+    assert torch.allclose(dense, convolved, atol=1e-12)
+    assert torch.allclose(dense[1, 0], torch.from_numpy(reference), atol=1e-10)
+
+
 class Fitted(FittedBuffersMixin, nn.Module):
     fitted_buffers = ("bank",)
 

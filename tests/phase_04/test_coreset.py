@@ -107,3 +107,26 @@ def test_nearest_neighbours_match_cdist_in_chunks(k):
     assert torch.allclose(distances.double(), expected.values, atol=1e-4)
     with pytest.raises(ValueError, match="nearest-neighbour search"):
         nearest_neighbours(queries, bank, k, memory_budget_mb=1e-4)
+
+
+def test_bfloat16_candidates_find_the_exact_nearest_row_and_its_float32_distance():
+    # clustered data, as patch features are: many bank rows at similar distances from a query
+    generator = torch.Generator().manual_seed(3)
+    centres = torch.randn(20, 64, generator=generator) * 3
+    bank = centres[torch.randint(0, 20, (2000,), generator=generator)] + torch.randn(2000, 64, generator=generator)
+    queries = centres[torch.randint(0, 20, (3000,), generator=generator)] + torch.randn(3000, 64, generator=generator)
+    exact_distances, exact_indices = nearest_neighbours(queries, bank, 1, memory_budget_mb=1)
+    distances, indices = nearest_neighbours(queries, bank, 1, memory_budget_mb=1, candidates_dtype=torch.bfloat16)
+    reference = torch.cdist(queries.double(), bank.double())
+    # every reported distance is the float32 distance to the reported row, never a bfloat16 one
+    assert torch.allclose(distances[:, 0].double(), reference.gather(1, indices).squeeze(1), rtol=1e-5)
+    # an approximate search: here 2 of 3,000 nearest rows were not among the bfloat16 candidates; a missed
+    # one is replaced by a row almost as near, so a distance is never below the exact one
+    same = indices == exact_indices
+    assert same.float().mean() >= 0.995
+    assert torch.allclose(distances[same], exact_distances[same], rtol=1e-5)
+    assert torch.all(distances >= exact_distances * (1 - 1e-5))
+    assert torch.all(distances <= exact_distances * 1.01)
+    # k > 1 (the image-score re-weighting) is always the exact search
+    top3 = nearest_neighbours(queries[:50], bank, 3, memory_budget_mb=1, candidates_dtype=torch.bfloat16)
+    assert torch.equal(top3[1], reference[:50].topk(3, largest=False).indices)

@@ -244,3 +244,22 @@ def test_faiss_backend_matches_torch(fitted, texture):
         expected, got = fitted(images), searcher.eval()(images)
     assert torch.allclose(got["pred_score"], expected["pred_score"], rtol=1e-4)
     assert torch.allclose(got["anomaly_map"], expected["anomaly_map"], rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_search_precision_scores_as_the_exact_search(fitted, texture):
+    images = texture.test_batch["image"]
+    approximate = build(search_precision="bfloat16")
+    approximate.load_state_dict(fitted.state_dict())
+    approximate.eval()
+    with torch.no_grad():
+        exact_out, approximate_out = fitted(images), approximate(images)
+    # where the CPU lacks bfloat16 units the model falls back to the exact search: equal either way here
+    assert torch.allclose(approximate_out["pred_score"], exact_out["pred_score"], rtol=1e-4)
+    assert torch.allclose(approximate_out["anomaly_map"], exact_out["anomaly_map"], rtol=1e-4, atol=1e-5)
+
+
+def test_search_precision_is_checked():
+    with pytest.raises(ValueError, match="search_precision must be one of float32, bfloat16, got 'float16'"):
+        build(search_precision="float16")
+    with pytest.raises(ValueError, match="search_precision=bfloat16 is the torch search's"):
+        build(search_precision="bfloat16", search_backend="faiss")

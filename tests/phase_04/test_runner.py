@@ -48,6 +48,16 @@ def test_cli_train_writes_metrics_and_a_loadable_model(model, tmp_path, cli_over
     with torch.no_grad():
         outputs = trained.eval()(torch.rand(2, 3, 64, 64))
     assert outputs["anomaly_map"].shape == (2, 1, 64, 64)
+    if model == "patchcore":
+        # how a fitted bank is searched is not what the model learned: test may change it, and nothing else
+        code, out, err = run(["test", "--checkpoint", summary["checkpoint"], f"results_dir={tmp_path / 'again'}",
+                              "model.search_precision=bfloat16", "model.memory_budget_mb=1"])
+        assert code == 0, err
+        again = json.loads(out.strip().splitlines()[-1])
+        for key in ("image_auroc", "pixel_auroc", "aupro"):
+            assert again[key] == pytest.approx(summary[key], abs=1e-4), key
+        code, _, err = run(["test", "--checkpoint", summary["checkpoint"], "model.coreset_ratio=0.5"])
+        assert code == 2 and "model.coreset_ratio=0.5 differs from the checkpoint's" in err
 
 
 def test_experiment_script_runs_one_category(tmp_path, cli_overrides, monkeypatch):

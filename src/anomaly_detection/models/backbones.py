@@ -7,6 +7,7 @@ import torchvision
 from torch import nn
 
 from anomaly_detection.data.transforms import HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD
+from anomaly_detection.models.batchnorm_folding import folded_copy, tensor_signature
 from anomaly_detection.models.checkpointing import checkpoint_segments, run_checkpointed, run_sequence
 from anomaly_detection.utils import PROJECT_ROOT
 
@@ -294,15 +295,29 @@ class FeatureExtractor(nn.Module):
         # a frozen backbone must keep its BatchNorm running statistics
         return super().train(False if self.frozen else mode)
 
+    def inference_backbone(self):
+        # a frozen backbone runs as a copy with its BatchNorms folded into the convolutions, rebuilt whenever
+        # a weight or statistic of the backbone changed (a checkpoint loaded, a move to another device)
+        signature = tensor_signature(self.backbone)
+        cached = self.__dict__.get("_folded")
+        if cached is None or cached[0] != signature:
+            cached = (signature, folded_copy(self.backbone))
+            self.__dict__["_folded"] = cached  # outside nn.Module's registry: not in state_dict nor parameters()
+        return cached[1]
+
     def forward(self, images):
         # the segments run every module of the truncated backbone once, in order; checkpointed only
         # while the student trains
         checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         run = run_checkpointed if checkpointed else run_sequence
+        # an export traces the backbone itself: the copy made inside a trace came out wrong in the ONNX graph
+        # (caught by the export's parity check), and ONNX Runtime and OpenVINO fold BatchNorms on their own
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        backbone = self.inference_backbone() if self.frozen and not tracing else self.backbone
         features = {}
         hidden = images.contiguous(memory_format=torch.channels_last)
         for names, layer in self._segments:
-            hidden = run([self.backbone.get_submodule(name) for name in names], hidden)
+            hidden = run([backbone.get_submodule(name) for name in names], hidden)
             if layer is not None:
                 features[layer] = hidden
         return {layer: features[layer] for layer in self.layers}

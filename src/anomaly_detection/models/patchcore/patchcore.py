@@ -1,5 +1,6 @@
 # src/anomaly_detection/models/patchcore/patchcore.py
 """PatchCore: Roth et al., "Towards Total Recall in Industrial Anomaly Detection" (CVPR 2022)."""
+import logging
 import time
 import warnings
 
@@ -11,8 +12,12 @@ from anomaly_detection import distributed
 from anomaly_detection.config import FROM_YAML, fill_from_yaml
 from anomaly_detection.models.backbones import FeatureExtractor, layers_or_default
 from anomaly_detection.models.components import FittedBuffersMixin, gaussian_blur, upsample_map
-from anomaly_detection.models.patchcore.coreset import greedy_coreset_indices, rows_per_chunk
+from anomaly_detection.models.patchcore.coreset import greedy_coreset_indices
+from anomaly_detection.models.patchcore.search import PreparedBank, nearest_neighbours
 from anomaly_detection.models.patchcore.sharded_search import ShardedBank
+from anomaly_detection.trainer import cpu_has_native_bf16
+
+logger = logging.getLogger(__name__)
 
 # model.layers: null takes these: the two middle stages, as in the paper (wide_resnet50_2 layer2, layer3)
 RESNET_LAYERS = ["layer2", "layer3"]
@@ -22,6 +27,7 @@ DEFAULT_LAYERS.update(mobilenet_v2=["features.6", "features.13"],
 
 FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SEARCH_BACKENDS = ("auto", "torch", "faiss")
+SEARCH_PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 
 
 class PatchCoreModel(FittedBuffersMixin, nn.Module):
@@ -33,14 +39,14 @@ class PatchCoreModel(FittedBuffersMixin, nn.Module):
                  backbone_root=None, pretrain_dim=FROM_YAML, target_dim=FROM_YAML, coreset_ratio=FROM_YAML,
                  num_neighbors=FROM_YAML, projection_dim=FROM_YAML, memory_budget_mb=FROM_YAML,
                  feature_dtype=FROM_YAML, search_backend=FROM_YAML, seed=0, blur_sigma=FROM_YAML,
-                 sharded_search=FROM_YAML):
+                 sharded_search=FROM_YAML, search_precision=FROM_YAML):
         super().__init__()
         args = fill_from_yaml("patchcore", "model", {
             "backbone": backbone, "layers": layers, "pretrained": pretrained, "weights": weights,
             "pretrain_dim": pretrain_dim, "target_dim": target_dim, "coreset_ratio": coreset_ratio,
             "num_neighbors": num_neighbors, "projection_dim": projection_dim, "memory_budget_mb": memory_budget_mb,
             "feature_dtype": feature_dtype, "search_backend": search_backend, "blur_sigma": blur_sigma,
-            "sharded_search": sharded_search})
+            "sharded_search": sharded_search, "search_precision": search_precision})
         backbone, pretrain_dim, target_dim = args["backbone"], args["pretrain_dim"], args["target_dim"]
         coreset_ratio, num_neighbors = args["coreset_ratio"], args["num_neighbors"]
         projection_dim = args["projection_dim"]
@@ -60,6 +66,12 @@ class PatchCoreModel(FittedBuffersMixin, nn.Module):
             raise ValueError(f"model.feature_dtype must be one of {', '.join(FEATURE_DTYPES)}, got {feature_dtype}")
         if search_backend not in SEARCH_BACKENDS:
             raise ValueError(f"model.search_backend must be one of {', '.join(SEARCH_BACKENDS)}, got {search_backend}")
+        if args["search_precision"] not in SEARCH_PRECISIONS:
+            raise ValueError(f"model.search_precision must be one of {', '.join(SEARCH_PRECISIONS)}, "
+                             f"got {args['search_precision']!r}")
+        if args["search_precision"] != "float32" and search_backend == "faiss":
+            raise ValueError(f"model.search_precision={args['search_precision']} is the torch search's: "
+                             "use model.search_backend torch or auto, or search_precision float32")
         if not isinstance(args["sharded_search"], bool):
             raise ValueError(f"model.sharded_search must be true or false, got {args['sharded_search']!r}")
         if args["sharded_search"] and search_backend == "faiss":
@@ -80,6 +92,7 @@ class PatchCoreModel(FittedBuffersMixin, nn.Module):
         self.feature_dtype = FEATURE_DTYPES[feature_dtype]
         self.sharded_search = args["sharded_search"]
         self.search_backend = "torch" if self.sharded_search else resolve_search_backend(search_backend)
+        self.search_precision = args["search_precision"]
         self.seed = int(seed)
         self.blur_sigma = float(args["blur_sigma"])
         self.embedding_dim = self._embedding_dim()
@@ -88,6 +101,8 @@ class PatchCoreModel(FittedBuffersMixin, nn.Module):
         self.fit_timings = {}
         self._faiss_index = None
         self._sharded = None
+        self._prepared = None
+        self._warned_precision = False
 
     def _embedding_dim(self):
         if self.target_dim is not None:
@@ -171,6 +186,7 @@ class PatchCoreModel(FittedBuffersMixin, nn.Module):
         self.memory_bank = bank
         self._faiss_index = None
         self._sharded = None
+        self._prepared = None
         self.fit_timings.update({"num_images": images, "num_patches": distributed.broadcast_object(
             None if features is None else int(features.shape[0])), "memory_bank_size": int(bank.shape[0]),
             "coreset_s": coreset_s})
@@ -200,6 +216,7 @@ class PatchCoreModel(FittedBuffersMixin, nn.Module):
     def on_fitted_buffers_loaded(self):
         self._faiss_index = None
         self._sharded = None
+        self._prepared = None
 
     @property
     def collective_forward(self):
@@ -253,7 +270,22 @@ class PatchCoreModel(FittedBuffersMixin, nn.Module):
         return self.search_block(queries, self.memory_bank, k)
 
     def search_block(self, queries, bank, k):
-        return nearest_neighbours(queries, bank, k, self.memory_budget_mb)
+        # the bank's search form is made once, at the first search after a fit, a load or a move
+        if self._prepared is None or not self._prepared.matches(bank):
+            self._prepared = PreparedBank(bank)
+        return nearest_neighbours(queries, bank, k, self.memory_budget_mb, self.candidates_dtype(queries.device),
+                                  self._prepared)
+
+    def candidates_dtype(self, device):
+        # bfloat16 candidates pay only where the hardware multiplies bfloat16 natively; elsewhere the exact search
+        dtype = SEARCH_PRECISIONS[self.search_precision]
+        if dtype is None or device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+            return dtype
+        if not self._warned_precision:
+            logger.warning("model.search_precision=%s: this %s has no native bfloat16 support, searching in float32",
+                           self.search_precision, device.type)
+            self._warned_precision = True
+        return None
 
     def bank_size(self):
         return self.sharded_bank().total if self.collective_forward else self.memory_bank.shape[0]
@@ -321,26 +353,6 @@ def pool_channels(feature, out_dim):
         return feature.reshape(batch, out_dim, channels // out_dim, height, width).mean(2)
     pooled = F.adaptive_avg_pool2d(feature.reshape(batch, 1, channels, height * width), (out_dim, height * width))
     return pooled.view(batch, out_dim, height, width)
-
-
-def nearest_neighbours(queries, bank, k, memory_budget_mb):
-    count, dim = bank.shape
-    # each query row needs one row of distances to the whole bank, plus its top-k
-    chunk = rows_per_chunk(memory_budget_mb, 4 * (count + dim + 4 * k), "the nearest-neighbour search")
-    bank_norms = bank.pow(2).sum(1)
-    distances = torch.empty(queries.shape[0], k, dtype=torch.float32, device=queries.device)
-    indices = torch.empty(queries.shape[0], k, dtype=torch.long, device=queries.device)
-    for start in range(0, queries.shape[0], chunk):
-        block = queries[start:start + chunk].float()
-        squared = torch.addmm(bank_norms, block, bank.t(), alpha=-2.0)
-        squared.add_(block.pow(2).sum(1, keepdim=True))
-        if k == 1:
-            values, found = squared.min(dim=1, keepdim=True)
-        else:
-            values, found = squared.topk(k, dim=1, largest=False)
-        distances[start:start + chunk] = values.clamp_min_(0).sqrt_()
-        indices[start:start + chunk] = found
-    return distances, indices
 
 
 def resolve_search_backend(name):
