@@ -2,7 +2,9 @@
 # Where the test pass of a fitted PatchCore or PaDiM model goes, part by part, in one process: loading
 # the test images, the backbone, the model's scoring (nearest-neighbour search or Mahalanobis distance),
 # the blur and the metrics, next to the machine's float32 matrix-multiply rate measured in the same
-# script, which bounds how fast the exact search can be. Also the resident memory of the imports alone
+# script (a 4096-row product, for scale), and the bfloat16-candidate search against the exact one on the same
+# patches: its time, and how many patches it gave another row than the exact search. Also the resident memory
+# of the imports alone
 # (this script keeps every batch, so its own peak is not that of a test run).
 import argparse
 import json
@@ -41,7 +43,8 @@ def main():
     torch_mb = rss_mb()
 
     from anomaly_detection.evaluator import compute_metrics
-    from anomaly_detection.models.patchcore.patchcore import gaussian_blur, nearest_neighbours
+    from anomaly_detection.models.components import gaussian_blur
+    from anomaly_detection.models.patchcore.search import nearest_neighbours
     from anomaly_detection.runner import build_loaders, load_model_file
     imports_mb = rss_mb()
 
@@ -64,7 +67,13 @@ def main():
     if record["model"] == "patchcore":
         queries = torch.cat([e.permute(0, 2, 3, 1).reshape(-1, e.shape[1]) for e in embeddings])
         bank = model.memory_bank
-        _, search_s = timed(lambda: nearest_neighbours(queries, bank, 1, model.memory_budget_mb))
+        exact, search_s = timed(lambda: nearest_neighbours(queries, bank, 1, model.memory_budget_mb))
+        approximate, search_bf16_s = timed(lambda: nearest_neighbours(queries, bank, 1, model.memory_budget_mb,
+                                                                      torch.bfloat16))
+        record.update(search_bf16_s=search_bf16_s,
+                      bf16_patches_off_nearest_row=int((approximate[1] != exact[1]).sum()),
+                      bf16_largest_relative_distance_change=float(
+                          ((approximate[0] - exact[0]).abs() / exact[0].clamp_min(1e-12)).max()))
         rate = gemm_rate(4096, bank.shape[0], bank.shape[1])
         flops = 2.0 * queries.shape[0] * bank.shape[0] * bank.shape[1]
         record.update(search_s=search_s, search_gflop=flops / 1e9, gemm_gflops=rate,
