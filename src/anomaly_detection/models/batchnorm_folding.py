@@ -22,7 +22,7 @@ def folded_copy(backbone):
             previous = None
         else:
             # the torchvision and timm backbones register a BatchNorm right after the convolution that feeds it;
-            # tests/phase_04/test_backbones.py checks the folded copy of every one against the original
+            # tests/phase_03/test_backbones.py checks the folded copy of every one against the original
             previous = module if isinstance(module, nn.Conv2d) else None
     folded.requires_grad_(False)
     return folded.eval()

@@ -11,8 +11,8 @@ from anomaly_detection.models.patchcore.coreset import rows_per_chunk
 SEARCH_BLOCK_BYTES = 8 * 1024 * 1024
 MIN_BLOCK_ROWS = 256
 # The bfloat16 pass keeps this many candidates per query for the exact float32 re-ranking. On magnetic_tile
-# (645,120 test patches against 7,311 bank rows) the true nearest row was among the first 4 for every patch
-# sampled, and among the first 2 for all but 0.04 % (benchmarks/RESULTS.md, "Deployment (issue 12)").
+# (645,120 test patches against 7,311 bank rows) the nearest row was missing from the 4 for 1 patch, whose
+# distance came out 3e-5 relative too large (benchmarks/RESULTS.md, "Deployment (issue 12)").
 CANDIDATES = 4
 
 
