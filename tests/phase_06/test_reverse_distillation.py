@@ -94,7 +94,8 @@ def test_loss_and_map_follow_the_formulas():
     expected_map = torch.zeros(2, 1, 64, 48)
     for e, d in zip(encoder_features, decoder_features):
         cosine = (e * d).sum(1, keepdim=True) / (e.norm(dim=1, keepdim=True) * d.norm(dim=1, keepdim=True))
-        expected_map += F.interpolate(1 - cosine, size=(64, 48), mode="bilinear", align_corners=False)
+        # corner-aligned, as the official code's cal_anomaly_map
+        expected_map += F.interpolate(1 - cosine, size=(64, 48), mode="bilinear", align_corners=True)
     expected_map = gaussian_blur(expected_map, 4.0)
     assert torch.allclose(outputs["anomaly_map"], expected_map, atol=1e-5)
 

@@ -7,7 +7,7 @@ from torch import nn
 from anomaly_detection.config import FROM_YAML, fill_from_yaml
 from anomaly_detection.models.backbones import FeatureExtractor, layers_or_default
 from anomaly_detection.models.checkpointing import run_checkpointed
-from anomaly_detection.models.components import gaussian_blur, upsample_map
+from anomaly_detection.models.components import gaussian_blur
 
 # model.layers: null takes these: three stages of increasing stride (4, 8, 16), as the paper's layer1-3
 RESNET_LAYERS = ["layer1", "layer2", "layer3"]
@@ -214,7 +214,8 @@ def compute_anomaly_map(encoder_features, decoder_features, image_size):
     anomaly_map = None
     for encoded, decoded in zip(encoder_features, decoder_features):
         distance = 1.0 - F.cosine_similarity(encoded.float(), decoded.float(), dim=1).unsqueeze(1)
-        distance = upsample_map(distance, image_size)
+        # corner-aligned, as the official code (RD4AD test.py, cal_anomaly_map) and Anomalib upsample here
+        distance = F.interpolate(distance, size=tuple(image_size), mode="bilinear", align_corners=True)
         anomaly_map = distance if anomaly_map is None else anomaly_map + distance
     return anomaly_map
 
