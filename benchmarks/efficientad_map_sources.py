@@ -5,15 +5,12 @@
 # what Anomalib does by default (its validation set is the test set). It reads test labels to explain a
 # difference between the frameworks; (b) is a leak of the test set, never a way to score a model.
 #   python benchmarks/efficientad_map_sources.py --checkpoints a/model.pt,b/model.pt
-import argparse
-
 import torch
 
 from anomaly_detection.metrics import compute_auroc, compute_pixel_auroc
-from anomaly_detection.models.components import quantiles, upsample_map
+from anomaly_detection.models.components import upsample_map
 from anomaly_detection.models.efficientad.efficientad import QUANTILE_LIMIT
-from anomaly_detection.runner import build_loaders, load_model_file
-from record import append_record, results_path, typed_command
+from diagnosis import model_and_test_loader, run_diagnosis
 
 
 def raw_test_maps(model, loader):
@@ -34,9 +31,7 @@ def scored(anomaly_map, labels, masks):
 
 
 def analyse(checkpoint):
-    model, config, _ = load_model_file(checkpoint)
-    model.eval()
-    _, _, loader = build_loaders(config, str(config["dataset"]["category"]))
+    model, loader = model_and_test_loader(checkpoint)
     map_st, map_ae, labels, masks = raw_test_maps(model, loader)
     size = masks.shape[-2:]
     figures = {"student_teacher_alone": scored(upsample_map(map_st, size), labels, masks),
@@ -51,16 +46,7 @@ def analyse(checkpoint):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--checkpoints", required=True, help="comma-separated EfficientAD model.pt files")
-    parser.add_argument("--label", default="")
-    parser.add_argument("--out", default=str(results_path(__file__)))
-    args = parser.parse_args()
-    for checkpoint in args.checkpoints.split(","):
-        figures = analyse(checkpoint)
-        print(figures)
-        if args.out:
-            append_record(__file__, typed_command(), figures, out=args.out, label=args.label)
+    run_diagnosis(__file__, analyse, "EfficientAD")
 
 
 if __name__ == "__main__":

@@ -4,15 +4,11 @@
 # It reads test labels to explain a result; it is not a way to choose a model (the epoch comes from the
 # validation loss, the layers from the config).
 #   python benchmarks/fastflow_scale_analysis.py --checkpoints a/model.pt,b/model.pt
-import argparse
-
 import torch
 
 from anomaly_detection.metrics import compute_auroc, compute_pixel_auroc
-from anomaly_detection.models.components import upsample_map
 from anomaly_detection.models.fastflow.fastflow import compute_anomaly_map
-from anomaly_detection.runner import build_loaders, load_model_file
-from record import append_record, results_path, typed_command
+from diagnosis import model_and_test_loader, run_diagnosis
 
 
 def scale_maps(model, loader):
@@ -32,9 +28,7 @@ def scale_maps(model, loader):
 
 
 def analyse(checkpoint):
-    model, config, _ = load_model_file(checkpoint)
-    model.eval()
-    _, _, loader = build_loaders(config, str(config["dataset"]["category"]))
+    model, loader = model_and_test_loader(checkpoint)
     maps, labels, masks = scale_maps(model, loader)
     figures = {}
     for name, values in maps.items():
@@ -45,17 +39,12 @@ def analyse(checkpoint):
     return {"checkpoint": str(checkpoint), "layers": list(model.layers), "scales": figures}
 
 
+def rounded(figures):
+    return {name: {key: round(value, 4) for key, value in scores.items()} for name, scores in figures["scales"].items()}
+
+
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--checkpoints", required=True, help="comma-separated FastFlow model.pt files")
-    parser.add_argument("--label", default="")
-    parser.add_argument("--out", default=str(results_path(__file__)))
-    args = parser.parse_args()
-    for checkpoint in args.checkpoints.split(","):
-        figures = analyse(checkpoint)
-        print({name: {k: round(v, 4) for k, v in value.items()} for name, value in figures["scales"].items()})
-        if args.out:
-            append_record(__file__, typed_command(), figures, out=args.out, label=args.label)
+    run_diagnosis(__file__, analyse, "FastFlow", show=lambda figures: print(rounded(figures)))
 
 
 if __name__ == "__main__":
