@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from anomaly_detection import __version__, distributed
 from anomaly_detection.utils import (
-    OUTPUT_FILE_MODE, atomic_torch_save, json_safe, logger, resolve_device, seed_everything,
+    OUTPUT_FILE_MODE, atomic_torch_save, cpu_has_native_bf16, json_safe, logger, resolve_device, seed_everything,
 )
 
 CHECKPOINT_FORMAT = 1
@@ -424,13 +424,6 @@ def resolve_amp_dtype(mixed_precision, device):
         return torch.bfloat16
     logger.warning("mixed precision is not supported on %s: training in float32", device.type)
     return None
-
-
-def cpu_has_native_bf16():
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def load_checkpoint_file(path, expected_model_class=None, map_location="cpu"):

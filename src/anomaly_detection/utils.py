@@ -1,4 +1,5 @@
 # src/anomaly_detection/utils.py
+import functools
 import hashlib
 import json
 import logging
@@ -76,6 +77,15 @@ OUTPUT_FILE_MODE = 0o600
 _TEMP_NAME = re.compile(r"^\.(.+)\.(\d+)-([0-9a-f]{8})\.[^./]+\.tmp$")
 _swept_folders = set()
 _host_tag_value = None
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16():
+    # bfloat16 units (AMX, AVX-512 BF16): asked once per process, the hardware does not change under it
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _host_tag():

@@ -15,7 +15,7 @@ from anomaly_detection.models.components import FittedBuffersMixin, gaussian_blu
 from anomaly_detection.models.patchcore.coreset import greedy_coreset_indices
 from anomaly_detection.models.patchcore.search import PreparedBank, nearest_neighbours
 from anomaly_detection.models.patchcore.sharded_search import ShardedBank
-from anomaly_detection.trainer import cpu_has_native_bf16
+from anomaly_detection.utils import cpu_has_native_bf16
 
 logger = logging.getLogger(__name__)
 
