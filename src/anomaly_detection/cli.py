@@ -204,17 +204,19 @@ def main(argv=None):
     main_process = distributed.is_main()
     setup_logging() if main_process else setup_logging(logging.ERROR)
     modules = dict(MODULE_COMMANDS, **MODEL_COMMANDS)
+    completed = False
     try:
         if args.command in modules:
             result = module_of(modules[args.command]).run(args)
         else:
             result = COMMANDS[args.command](args)
+        completed = True
     except (FileNotFoundError, ValueError, RuntimeError, OSError, FloatingPointError) as error:
         print(f"error: {error}" + (f" (process {distributed.rank()})" if distributed.active() else ""),
               file=sys.stderr)
         return 2
     finally:
-        distributed.shutdown()
+        distributed.shutdown(synchronise=completed)
     result, code = result if isinstance(result, tuple) else (result, 0)
     # the last line of output is one JSON object, for scripts
     if main_process:
