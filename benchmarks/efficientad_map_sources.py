@@ -1,9 +1,12 @@
 # benchmarks/efficientad_map_sources.py
 # Diagnosis of trained EfficientAD checkpoints on their test split: image and pixel AUROC of the student-teacher
 # map alone, the autoencoder map alone, and their combination normalised with (a) the checkpoint's quantiles,
-# fitted on normal validation images as shipped, and (b) quantiles fitted on the test images themselves, which is
-# what Anomalib does by default (its validation set is the test set). It reads test labels to explain a
-# difference between the frameworks; (b) is a leak of the test set, never a way to score a model.
+# fitted on normal validation images as shipped, (b) quantiles fitted on the test images themselves, which is
+# what Anomalib does by default (its validation set is the test set), and (c) no normalisation at all: the raw
+# maps averaged, which is what Anomalib scores when max_steps ends its training inside the first epoch (it fits
+# its quantiles when a validation starts, and none does; efficientad_peer_map_sources.py shows them unset). It
+# reads test labels to explain a difference between the frameworks; (b) is a leak of the test set, never a way
+# to score a model.
 #   python benchmarks/efficientad_map_sources.py --checkpoints a/model.pt,b/model.pt
 import torch
 
@@ -42,6 +45,11 @@ def analyse(checkpoint):
         model.fit_map_quantiles([map_st], [map_ae])
     figures["test_quantiles"] = scored(model.combine_maps(map_st, map_ae, size), labels, masks)
     figures["test_quantile_values"] = {"st": model.st_quantiles.tolist(), "ae": model.ae_quantiles.tolist()}
+    with torch.no_grad():
+        # (0, target) leaves each raw map as it is (quantile_normalization)
+        for quantiles in (model.st_quantiles, model.ae_quantiles):
+            quantiles.copy_(torch.tensor([0.0, model.map_target]))
+    figures["unnormalised"] = scored(model.combine_maps(map_st, map_ae, size), labels, masks)
     return {"checkpoint": str(checkpoint), "quantile_limit": QUANTILE_LIMIT, "sources": figures}
 
 

@@ -4,7 +4,8 @@
 # It records how far the two anomaly maps are apart before training, both losses at every step, then both
 # models' test scores, image and pixel AUROC on the same images. Equal figures say that the two networks
 # compute the same thing and that a gap between the frameworks' runs comes from around the network (data,
-# loader, optimizer, seeds); unequal ones point at the part that differs. A diagnosis, not a score: it is run with Anomalib's python and our sources on the path:
+# loader, optimizer, seeds); unequal ones point at the part that differs. A diagnosis, not a score: it is run
+# with Anomalib's python and our sources on the path:
 #
 #   PYTHONPATH=src /tmp/peer-venv/bin/python benchmarks/reverse_distillation_parity.py \
 #       --data /tmp/bw/synth/synthetic/texture --weights /tmp/bw/synth/resnet18_random.pth --steps 6 --seeds 0,1,2
@@ -107,12 +108,20 @@ def load_images(folder, transform, limit=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        compare(args, seed)
-
-
-def compare(args, seed):
     from torchvision.transforms import v2
+    transform = v2.Compose([v2.ToImage(), v2.Resize((args.image_size, args.image_size), antialias=True),
+                            v2.ToDtype(torch.float32, scale=True),
+                            v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    data = Path(args.data)
+    train, _ = load_images(data / "train" / "good", transform, args.max_train)
+    test, test_paths = load_images(data / "test", transform)
+    labels = [0 if p.parent.name == "good" else 1 for p in test_paths]
+    masks = load_masks(data, test_paths, args.image_size)
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        compare(args, seed, train, test, labels, masks)
+
+
+def compare(args, seed, train, test, labels, masks):
     from anomalib.models.image.reverse_distillation.loss import ReverseDistillationLoss as PeerLoss
     from anomaly_detection.models.reverse_distillation import ReverseDistillationLoss, ReverseDistillationModel
 
@@ -123,14 +132,6 @@ def compare(args, seed):
     copy_into_ours(peer, ours)
     if args.contiguous:
         as_nchw(ours)
-    transform = v2.Compose([v2.ToImage(), v2.Resize((args.image_size, args.image_size), antialias=True),
-                            v2.ToDtype(torch.float32, scale=True),
-                            v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
-    data = Path(args.data)
-    train, _ = load_images(data / "train" / "good", transform, args.max_train)
-    test, test_paths = load_images(data / "test", transform)
-    labels = [0 if p.parent.name == "good" else 1 for p in test_paths]
-    masks = load_masks(data, test_paths, args.image_size)
 
     with torch.no_grad():
         encoded_peer = list(peer.encoder(test[:4]).values())

@@ -1,0 +1,93 @@
+# benchmarks/efficientad_peer_map_sources.py
+# efficientad_map_sources.py for Anomalib 2.7.0's EfficientAD checkpoints: image and pixel AUROC of the
+# student-teacher map alone, the autoencoder map alone, and the combined map with the checkpoint's own quantiles
+# (Anomalib fits them on its validation set, the test set), on an MVTec-layout test split. Beside our
+# checkpoints' figures it says whether a gap between the frameworks lies in one map or in both. A diagnosis on
+# test labels, not a way to score. Run it with Anomalib's python:
+#
+#   /tmp/peer-venv/bin/python benchmarks/efficientad_peer_map_sources.py --checkpoints RUN/.../model.ckpt \
+#       --test-dir ../shared/data/magnetic_tile/test
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import append_record, typed_command  # noqa: E402
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def load_peer_model(checkpoint):
+    from anomalib.models.image.efficient_ad.torch_model import EfficientAdModel, EfficientAdModelSize
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    weights = {key[len("model."):]: value for key, value in state.items() if key.startswith("model.")}
+    out_channels = weights["teacher.conv4.weight"].shape[0]
+    size = EfficientAdModelSize.M if "teacher.conv6.weight" in weights else EfficientAdModelSize.S
+    model = EfficientAdModel(teacher_out_channels=out_channels, model_size=size)
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+def test_split(test_dir, image_size):
+    # Anomalib's EfficientAD input: the image resized, in [0, 1] (the networks normalise it themselves)
+    test_dir = Path(test_dir)
+    paths = sorted(p for p in test_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    ground_truth = test_dir.parent / "ground_truth"
+    for path in paths:
+        image = Image.open(path).convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+        mask_path = ground_truth / path.parent.name / f"{path.stem}_mask.png"
+        mask = np.zeros((image_size, image_size), bool)
+        if path.parent.name != "good" and mask_path.is_file():
+            mask = np.array(Image.open(mask_path).convert("L").resize((image_size, image_size), Image.NEAREST)) > 127
+        yield torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1), \
+            int(path.parent.name != "good"), mask
+
+
+def scored(maps, labels, masks):
+    return {"image_auroc": roc_auc_score(labels, maps.reshape(len(maps), -1).max(1)),
+            "pixel_auroc": roc_auc_score(masks.ravel(), maps.ravel())}
+
+
+def analyse(checkpoint, test_dir, image_size):
+    model = load_peer_model(checkpoint)
+    raw_st, raw_ae, normalised_st, normalised_ae, labels, masks = [], [], [], [], [], []
+    with torch.no_grad():
+        for image, label, mask in test_split(test_dir, image_size):
+            batch = image[None]
+            for normalize, (st_list, ae_list) in ((False, (raw_st, raw_ae)), (True, (normalised_st, normalised_ae))):
+                map_st, map_ae = model.get_maps(batch, normalize=normalize)
+                st_list.append(map_st[0, 0].numpy())
+                ae_list.append(map_ae[0, 0].numpy())
+            labels.append(label)
+            masks.append(mask)
+    labels, masks = np.array(labels), np.stack(masks)
+    combined = 0.5 * np.stack(normalised_st) + 0.5 * np.stack(normalised_ae)
+    return {"checkpoint": str(checkpoint), "test_images": len(labels), "sources": {
+        "student_teacher_alone": scored(np.stack(raw_st), labels, masks),
+        "autoencoder_alone": scored(np.stack(raw_ae), labels, masks),
+        "checkpoint_quantiles": scored(combined, labels, masks),
+        "saved_quantiles": {key: float(value) for key, value in model.quantiles.items()}}}
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Anomalib EfficientAD checkpoints: which map separates")
+    parser.add_argument("--checkpoints", required=True, help="comma-separated Anomalib model.ckpt files")
+    parser.add_argument("--test-dir", required=True, help="the MVTec-layout test folder they were tested on")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--label", default="")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    for checkpoint in args.checkpoints.split(","):
+        figures = analyse(checkpoint, args.test_dir, args.image_size)
+        print(json.dumps(figures))
+        append_record(__file__, typed_command(), figures, out=args.out, label=args.label)
+
+
+if __name__ == "__main__":
+    main()
