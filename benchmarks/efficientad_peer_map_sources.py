@@ -54,25 +54,31 @@ def scored(maps, labels, masks):
             "pixel_auroc": roc_auc_score(masks.ravel(), maps.ravel())}
 
 
+def normalised(maps, low, high):
+    # Anomalib's compute_maps: 0.1 (map - q_a) / (q_b - q_a) once its quantiles are set (the raw map while they
+    # are all 0); padding and upsampling come first there, and being linear they commute with it
+    return maps if low == high == 0 else 0.1 * (maps - low) / (high - low)
+
+
 def analyse(checkpoint, test_dir, image_size):
     model = load_peer_model(checkpoint)
-    raw_st, raw_ae, normalised_st, normalised_ae, labels, masks = [], [], [], [], [], []
+    raw_st, raw_ae, labels, masks = [], [], [], []
     with torch.no_grad():
         for image, label, mask in test_split(test_dir, image_size):
-            batch = image[None]
-            for normalize, (st_list, ae_list) in ((False, (raw_st, raw_ae)), (True, (normalised_st, normalised_ae))):
-                map_st, map_ae = model.get_maps(batch, normalize=normalize)
-                st_list.append(map_st[0, 0].numpy())
-                ae_list.append(map_ae[0, 0].numpy())
+            map_st, map_ae = model.get_maps(image[None], normalize=False)
+            raw_st.append(map_st[0, 0].numpy())
+            raw_ae.append(map_ae[0, 0].numpy())
             labels.append(label)
             masks.append(mask)
-    labels, masks = np.array(labels), np.stack(masks)
-    combined = 0.5 * np.stack(normalised_st) + 0.5 * np.stack(normalised_ae)
+    labels, masks, raw_st, raw_ae = np.array(labels), np.stack(masks), np.stack(raw_st), np.stack(raw_ae)
+    quantiles = {key: float(value) for key, value in model.quantiles.items()}
+    combined = 0.5 * normalised(raw_st, quantiles["qa_st"], quantiles["qb_st"]) \
+        + 0.5 * normalised(raw_ae, quantiles["qa_ae"], quantiles["qb_ae"])
     return {"checkpoint": str(checkpoint), "test_images": len(labels), "sources": {
-        "student_teacher_alone": scored(np.stack(raw_st), labels, masks),
-        "autoencoder_alone": scored(np.stack(raw_ae), labels, masks),
+        "student_teacher_alone": scored(raw_st, labels, masks),
+        "autoencoder_alone": scored(raw_ae, labels, masks),
         "checkpoint_quantiles": scored(combined, labels, masks),
-        "saved_quantiles": {key: float(value) for key, value in model.quantiles.items()}}}
+        "saved_quantiles": quantiles}}
 
 
 def main():
