@@ -2,7 +2,9 @@
 # torch.distributed as torchrun sets it up: one process per device, NCCL on CUDA, gloo on CPU. Without torchrun
 # (no WORLD_SIZE in the environment, or WORLD_SIZE=1) every function here is a no-op that returns its input, so
 # the single-process code paths are the distributed ones with one rank.
+import gc
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -33,6 +35,10 @@ def shutdown(synchronise=True):
         # other processes may be waiting in another collective, and torchrun stops them when this one exits
         if synchronise:
             dist.barrier()
+        # anything still holding the group (a DistributedDataParallel in a reference cycle) lets go of it now, in
+        # a whole interpreter: freed during interpreter finalisation, gloo's threads were left to take a lock
+        # Python no longer gives, and the process aborted
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -229,8 +235,13 @@ def wrap_trainable_parts(model, device):
             if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
                 visit(child)
                 continue
-            ddp = DistributedDataParallel(child, device_ids=[device] if device.type == "cuda" else None,
-                                          broadcast_buffers=False)
+            with warnings.catch_warnings():
+                # torch 2.14 deprecates broadcast_buffers for forward_sync_buffers, which syncs buffers at
+                # construction; its own warning says to keep broadcast_buffers=False where buffers stay each
+                # process's own, as ours do
+                warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+                ddp = DistributedDataParallel(child, device_ids=[device] if device.type == "cuda" else None,
+                                              broadcast_buffers=False)
             wrapped.append((parent, name, ddp))
 
     visit(model)
@@ -245,6 +256,15 @@ def unwrap_parts(wrapped):
             parent[int(name)] = ddp.module
         else:
             setattr(parent, name, ddp.module)
+
+
+def release_parts(wrapped):
+    # after fit: the plain modules back in the model, and the wrappers freed now, while the process group they
+    # hold is alive (DistributedDataParallel sits in reference cycles that only the garbage collector breaks)
+    unwrap_parts(wrapped)
+    if wrapped:
+        wrapped.clear()
+        gc.collect()
 
 
 def rewrap_parts(wrapped):

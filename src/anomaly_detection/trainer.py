@@ -179,8 +179,7 @@ class BaseTrainer:
             self.save_epoch_checkpoints(epoch, record)
         self.on_fit_end()
         self._close_writer()
-        distributed.unwrap_parts(self._distributed_parts)
-        self._distributed_parts = []
+        distributed.release_parts(self._distributed_parts)
         return self.history
 
     def train_epoch(self, train_loader, epoch):

@@ -2,12 +2,14 @@
 # Run by test_distributed.py, under torchrun or alone: a tiny regression trainer whose every hook records its
 # name (and epoch or batch index); each process writes its record to <output>/hooks_rank<r>.json. The model has
 # a trainable part, so under torchrun it trains inside DistributedDataParallel.
+import gc
 import json
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -84,7 +86,9 @@ def main(output):
     Path(output, f"hooks_rank{distributed.rank()}.json").write_text(json.dumps(
         {"calls": trainer.calls, "world_size": distributed.world_size(), "train_batches": len(train),
          "val_batches": len(val), "trained_inside": trainer.trained_inside,
-         "after_fit": type(trainer.model.conv).__name__}))
+         "after_fit": type(trainer.model.conv).__name__,
+         # the wrappers fit made, if still in memory, hold the process group into interpreter shutdown
+         "wrappers_alive_after_fit": sum(isinstance(item, DistributedDataParallel) for item in gc.get_objects())}))
     distributed.shutdown()
 
 

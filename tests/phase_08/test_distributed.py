@@ -175,6 +175,7 @@ def test_every_hook_fires_in_the_seeds_order_on_every_rank(tmp_path):
     for record in ranks:
         assert record["world_size"] == 2
         assert record["trained_inside"] == "DistributedDataParallel" and record["after_fit"] == "Conv2d"
+        assert record["wrappers_alive_after_fit"] == 0
         # 8 training images in batches of 2 over 2 processes: 2 batches each; 4 validation images: 1 each
         assert (record["train_batches"], record["val_batches"]) == (2, 1)
         expected = expected_hook_sequence(2, 2, 1)
