@@ -28,6 +28,9 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-train", type=int, default=48)
+    parser.add_argument("--subset", choices=("first", "harness"), default="first",
+                        help="which --max-train images train: the first in name order, or those run_anomalib.py "
+                             "--max-train draws for the seed (a new subset per seed)")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--betas", default="0.5,0.999", help="Adam betas on both sides (Anomalib ships 0.5,0.99)")
     parser.add_argument("--checkpointing", action="store_true", help="ours with activation checkpointing")
@@ -113,12 +116,21 @@ def main(argv=None):
                             v2.ToDtype(torch.float32, scale=True),
                             v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
     data = Path(args.data)
-    train, _ = load_images(data / "train" / "good", transform, args.max_train)
+    train, _ = load_images(data / "train" / "good", transform, args.max_train if args.subset == "first" else None)
     test, test_paths = load_images(data / "test", transform)
     labels = [0 if p.parent.name == "good" else 1 for p in test_paths]
     masks = load_masks(data, test_paths, args.image_size)
     for seed in [int(s) for s in args.seeds.split(",")]:
-        compare(args, seed, train, test, labels, masks)
+        compare(args, seed, subset(train, args, seed), test, labels, masks)
+
+
+def subset(train, args, seed):
+    # run_anomalib.py's --max-train: a seeded draw of indices into the name-ordered training images
+    if args.subset == "first" or len(train) <= args.max_train:
+        return train
+    import numpy as np
+    chosen = np.sort(np.random.default_rng(seed).choice(len(train), args.max_train, replace=False))
+    return train[torch.as_tensor(chosen)]
 
 
 def compare(args, seed, train, test, labels, masks):
@@ -175,7 +187,7 @@ def compare(args, seed, train, test, labels, masks):
         scores[name] = torch.cat([o.pred_score if name == "peer" else o["pred_score"] for o in outputs]).flatten()
         maps = torch.cat([o.anomaly_map if name == "peer" else o["anomaly_map"] for o in outputs])
         pixel_auroc[name] = roc_auc_score(masks.ravel(), maps.flatten().numpy())
-    record = {"steps": args.steps, "betas": list(betas), "checkpointing": args.checkpointing,
+    record = {"steps": args.steps, "subset": args.subset, "betas": list(betas), "checkpointing": args.checkpointing,
               "contiguous": args.contiguous, "seed": seed,
               "encoder_gap": encoder_gap, "initial_map_gap": initial_map_gap, "losses": history,
               "score_gap": ((scores["peer"] - scores["ours"]).abs().max() / scores["peer"].abs().max()).item(),
