@@ -9,8 +9,14 @@
 #       --ours-weights /tmp/bw/synth/resnet18_random.pth -- --root /tmp/bw/synth/synthetic --category texture \
 #       --model reverse_distillation --backbone resnet18 --weights /tmp/bw/synth/resnet18_random.pth \
 #       --image-size 256 --epochs 3 --max-train 48 --seed 0 --batch-size 32
+#
+# --replay keeps the network's initial state and every training batch Lightning feeds it, then trains a copy of
+# that state on those batches in a plain loop (Adam and loss as Anomalib's) and records how far the two final
+# states are apart: 0, Lightning's loop optimises as a plain loop does and a difference between the frameworks
+# lies in what each draws (images, order, initial weights); far from 0, in the loop itself.
 import argparse
 import contextlib
+import copy
 import io
 import json
 import sys
@@ -26,6 +32,8 @@ class OursInAnomalib(nn.Module):
     # the constructor Anomalib's ReverseDistillation LightningModule calls, building our network; Anomalib's
     # optimizer takes .bottleneck and .decoder, its loss views the features (so they leave channels-last here)
     weights = None
+    replay = False
+    built = []
 
     def __init__(self, backbone, input_size, layers, anomaly_map_mode, pre_trained=True):
         super().__init__()
@@ -34,10 +42,17 @@ class OursInAnomalib(nn.Module):
             raise SystemExit(f"this diagnosis builds resnet18 only, got {backbone}")
         self.network = ReverseDistillationModel(backbone="resnet18", pretrained=True, weights=self.weights)
         self.bottleneck, self.decoder = self.network.bottleneck, self.network.decoder
+        self.initial_state = copy.deepcopy(self.network.state_dict()) if self.replay else None
+        self.batches = []
+        OursInAnomalib.built.append(self)
 
     def forward(self, images):
         self.network.train(self.training)
         if self.training:
+            if self.replay:
+                if not self.batches:
+                    self.state_at_first_step = copy.deepcopy(self.network.state_dict())
+                self.batches.append(images.detach().clone())
             encoded, decoded = self.network(images)
             return [f.contiguous() for f in encoded], [f.contiguous() for f in decoded]
         from anomalib.data import InferenceBatch
@@ -45,9 +60,43 @@ class OursInAnomalib(nn.Module):
         return InferenceBatch(pred_score=out["pred_score"], anomaly_map=out["anomaly_map"])
 
 
+def replay_in_plain_loop(trained):
+    # the same initial state and batches, Anomalib's optimizer settings and loss on the same contiguous features
+    # as the module above returns them, no Lightning
+    import torch
+    from anomalib.models.image.reverse_distillation.loss import ReverseDistillationLoss
+    from anomaly_detection.models.reverse_distillation import ReverseDistillationModel
+    plain = ReverseDistillationModel(backbone="resnet18", pretrained=True, weights=OursInAnomalib.weights)
+    plain.load_state_dict(trained.initial_state)
+    optimizer = torch.optim.Adam(list(plain.decoder.parameters()) + list(plain.bottleneck.parameters()), lr=0.005,
+                                 betas=(0.5, 0.99))
+    loss_fn = ReverseDistillationLoss()
+    for images in trained.batches:
+        plain.train()
+        encoded, decoded = plain(images)
+        loss = loss_fn([f.contiguous() for f in encoded], [f.contiguous() for f in decoded])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    final, replayed = trained.network.state_dict(), plain.state_dict()
+    gaps = {key: ((final[key].double() - value.double()).abs().max()
+                  / value.double().abs().max().clamp_min(1e-12)).item()
+            for key, value in replayed.items() if value.is_floating_point()}
+    worst = max(gaps, key=gaps.get)
+    moved = {key: ((trained.state_at_first_step[key].double() - value.double()).abs().max()
+                   / value.double().abs().max().clamp_min(1e-12)).item()
+             for key, value in trained.initial_state.items() if value.is_floating_point()}
+    return {"replayed_steps": len(trained.batches), "replay_largest_relative_gap": gaps[worst], "replay_at": worst,
+            "replay_gap_by_part": {part: max(v for k, v in gaps.items() if k.startswith(part))
+                                   for part in ("encoder", "bottleneck", "decoder")},
+            "changed_before_first_step": {k: v for k, v in moved.items() if v > 0}}
+
+
 def main():
     parser = argparse.ArgumentParser(description="Anomalib's harness training our Reverse Distillation network")
     parser.add_argument("--ours-weights", required=True, help="the resnet18 file run_anomalib.py gets as --weights")
+    parser.add_argument("--replay", action="store_true",
+                        help="also train the initial state on Lightning's batches in a plain loop and compare")
     parser.add_argument("--out", default=None)
     parser.add_argument("harness", nargs=argparse.REMAINDER, help="-- then run_anomalib.py's options")
     args = parser.parse_args()
@@ -55,6 +104,7 @@ def main():
 
     import anomalib.models.image.reverse_distillation.lightning_model as lightning_model
     OursInAnomalib.weights = args.ours_weights
+    OursInAnomalib.replay = args.replay
     lightning_model.ReverseDistillationModel = OursInAnomalib
     sys.path.insert(0, str(PEER_DIR))
     import run_anomalib
@@ -67,6 +117,8 @@ def main():
     figures = {key: result.get(key) for key in ("image_auroc", "pixel_auroc", "pixel_aupro", "train_s",
                                                "peak_rss_mb", "train_images")}
     figures["network"] = "ours in Anomalib's harness"
+    if args.replay:
+        figures.update(replay_in_plain_loop(OursInAnomalib.built[-1]))
     print(json.dumps(figures))
     append_record(__file__, typed_command(), figures, out=args.out, harness=harness_args)
 
