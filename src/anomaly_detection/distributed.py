@@ -36,8 +36,8 @@ def shutdown(synchronise=True):
         if synchronise:
             dist.barrier()
         # anything still holding the group (a DistributedDataParallel in a reference cycle, after a failed fit)
-        # lets go of it now and not during interpreter finalisation, where such wrappers were the one thing
-        # alive when a rank aborted at exit ('terminate called without an active exception', about 1 run in 8)
+        # lets go of it now and not during interpreter finalisation: such wrappers were still alive when a rank
+        # aborted at exit ('terminate called without an active exception', the hook-order test in CI)
         gc.collect()
         dist.destroy_process_group()
 
