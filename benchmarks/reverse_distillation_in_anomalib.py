@@ -13,7 +13,8 @@
 # --replay keeps the network's initial state and every training batch Lightning feeds it, then trains a copy of
 # that state on those batches in a plain loop (Adam and loss as Anomalib's) and records how far the two final
 # states are apart: 0, Lightning's loop optimises as a plain loop does and a difference between the frameworks
-# lies in what each draws (images, order, initial weights); far from 0, in the loop itself.
+# lies in what each draws (images, order, initial weights); far from 0, in the loop itself. --our-loss trains
+# with our loss function instead of Anomalib's: the same cosine, rounded as our runner rounds it.
 import argparse
 import contextlib
 import copy
@@ -33,6 +34,7 @@ class OursInAnomalib(nn.Module):
     # optimizer takes .bottleneck and .decoder, its loss views the features (so they leave channels-last here)
     weights = None
     replay = False
+    our_loss = False
     built = []
 
     def __init__(self, backbone, input_size, layers, anomaly_map_mode, pre_trained=True):
@@ -54,6 +56,8 @@ class OursInAnomalib(nn.Module):
                     self.state_at_first_step = copy.deepcopy(self.network.state_dict())
                 self.batches.append(images.detach().clone())
             encoded, decoded = self.network(images)
+            if self.our_loss:
+                return encoded, decoded  # channels-last, as our trainer hands them to our loss
             return [f.contiguous() for f in encoded], [f.contiguous() for f in decoded]
         from anomalib.data import InferenceBatch
         out = self.network(images)
@@ -97,6 +101,9 @@ def main():
     parser.add_argument("--ours-weights", required=True, help="the resnet18 file run_anomalib.py gets as --weights")
     parser.add_argument("--replay", action="store_true",
                         help="also train the initial state on Lightning's batches in a plain loop and compare")
+    parser.add_argument("--our-loss", action="store_true",
+                        help="Anomalib's module trains with our loss function on our channels-last features (the "
+                             "same cosine, rounded as our runner rounds it) instead of its own")
     parser.add_argument("--out", default=None)
     parser.add_argument("harness", nargs=argparse.REMAINDER, help="-- then run_anomalib.py's options")
     args = parser.parse_args()
@@ -105,7 +112,13 @@ def main():
     import anomalib.models.image.reverse_distillation.lightning_model as lightning_model
     OursInAnomalib.weights = args.ours_weights
     OursInAnomalib.replay = args.replay
+    if args.replay and args.our_loss:
+        raise SystemExit("--replay replays Anomalib's loss; run --our-loss without it")
+    OursInAnomalib.our_loss = args.our_loss
     lightning_model.ReverseDistillationModel = OursInAnomalib
+    if args.our_loss:
+        from anomaly_detection.models.reverse_distillation import ReverseDistillationLoss
+        lightning_model.ReverseDistillationLoss = ReverseDistillationLoss
     sys.path.insert(0, str(PEER_DIR))
     import run_anomalib
 
@@ -117,6 +130,7 @@ def main():
     figures = {key: result.get(key) for key in ("image_auroc", "pixel_auroc", "pixel_aupro", "train_s",
                                                "peak_rss_mb", "train_images")}
     figures["network"] = "ours in Anomalib's harness"
+    figures["loss"] = "ours" if args.our_loss else "Anomalib's"
     if args.replay:
         figures.update(replay_in_plain_loop(OursInAnomalib.built[-1]))
     print(json.dumps(figures))
