@@ -70,6 +70,7 @@ def replay_in_plain_loop(trained):
     import torch
     from anomalib.models.image.reverse_distillation.loss import ReverseDistillationLoss
     from anomaly_detection.models.reverse_distillation import ReverseDistillationModel
+    from reverse_distillation_trainer_loop import relative_gaps
     plain = ReverseDistillationModel(backbone="resnet18", pretrained=True, weights=OursInAnomalib.weights)
     plain.load_state_dict(trained.initial_state)
     optimizer = torch.optim.Adam(list(plain.decoder.parameters()) + list(plain.bottleneck.parameters()), lr=0.005,
@@ -82,14 +83,9 @@ def replay_in_plain_loop(trained):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    final, replayed = trained.network.state_dict(), plain.state_dict()
-    gaps = {key: ((final[key].double() - value.double()).abs().max()
-                  / value.double().abs().max().clamp_min(1e-12)).item()
-            for key, value in replayed.items() if value.is_floating_point()}
+    gaps = relative_gaps(trained.network.state_dict(), plain.state_dict())
     worst = max(gaps, key=gaps.get)
-    moved = {key: ((trained.state_at_first_step[key].double() - value.double()).abs().max()
-                   / value.double().abs().max().clamp_min(1e-12)).item()
-             for key, value in trained.initial_state.items() if value.is_floating_point()}
+    moved = relative_gaps(trained.state_at_first_step, trained.initial_state)
     return {"replayed_steps": len(trained.batches), "replay_largest_relative_gap": gaps[worst], "replay_at": worst,
             "replay_gap_by_part": {part: max(v for k, v in gaps.items() if k.startswith(part))
                                    for part in ("encoder", "bottleneck", "decoder")},

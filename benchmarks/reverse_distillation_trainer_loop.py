@@ -66,6 +66,13 @@ class FixedBatches:
         return len(self.epochs[0])
 
 
+def relative_gaps(state, reference):
+    # per floating-point entry of two state_dicts: the largest difference over the reference's largest magnitude
+    return {key: ((state[key].double() - value.double()).abs().max()
+                  / value.double().abs().max().clamp_min(1e-12)).item()
+            for key, value in reference.items() if value.is_floating_point()}
+
+
 def compare(args, images, seed):
     generator = torch.Generator().manual_seed(seed)
     epochs = []
@@ -97,10 +104,7 @@ def compare(args, images, seed):
             total += loss.item()
         plain_losses.append(total / len(batches))
 
-    trained, reference = trainer.model.state_dict(), plain.state_dict()
-    gaps = {key: ((trained[key].double() - value.double()).abs().max()
-                  / value.double().abs().max().clamp_min(1e-12)).item()
-            for key, value in reference.items() if value.is_floating_point()}
+    gaps = relative_gaps(trainer.model.state_dict(), plain.state_dict())
     worst = max(gaps, key=gaps.get)
     record = {"seed": seed, "steps": trainer.global_step, "largest_relative_gap": gaps[worst], "at": worst,
               "trainer_losses": [entry["train_loss"] for entry in trainer.history], "plain_losses": plain_losses}
