@@ -1,0 +1,64 @@
+# benchmarks/reverse_distillation_runner_draws.py
+# Our runner (anomaly-detection train, in this process) on the generated data of step_models_compare.py, with
+# one of its draws replaced by the Anomalib harness's: --subset harness trains on the images run_anomalib.py
+# --max-train draws for the seed (a seeded numpy choice over the name-ordered training images) and validates on
+# the rest, instead of our own seeded split. The order of the batches and the initial weights stay the runner's.
+# Beside the runner's own 20-seed figures it tells whether the choice of images is where the runner and the
+# harness part. A diagnosis, not a score:
+#
+#   python benchmarks/reverse_distillation_runner_draws.py --work /tmp/bw/synth --seeds 0,1,2
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import append_record, typed_command  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Reverse Distillation: our runner with the harness's image subset")
+    parser.add_argument("--work", required=True, help="step_models_compare.py's --work folder (synthetic data, "
+                                                      "resnet18_random.pth)")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--train-images", type=int, default=48)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    return parser.parse_args(argv)
+
+
+def harness_split(train_images):
+    from torch.utils.data import Subset
+
+    def split(dataset, val_fraction=0.1, seed=0, min_val=1):
+        import numpy as np
+        chosen = np.sort(np.random.default_rng(seed).choice(len(dataset), train_images, replace=False)).tolist()
+        left_out = sorted(set(range(len(dataset))) - set(chosen))
+        return Subset(dataset, chosen), Subset(dataset, left_out)
+    return split
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import anomaly_detection.runner as runner
+    from anomaly_detection import cli
+    runner.split_train_val = harness_split(args.train_images)
+    work = Path(args.work)
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        out = work / f"runner_draws_{seed}"
+        cli.main(["train", "--model", "reverse_distillation", "--dataset", "mvtec", "--category", "texture",
+                  f"dataset.root_dir={work / 'synthetic'}", "data.image_size=256", f"results_dir={out / 'results'}",
+                  f"checkpoint_dir={out / 'checkpoints'}", f"log_dir={out / 'logs'}", f"seed={seed}",
+                  "data.num_workers=0", "data.eval_batch_size=32", "training.progress_bar=false",
+                  "evaluation.figures=false", "model.backbone=resnet18", f"training.num_epochs={args.epochs}",
+                  "training.batch_size=32", "model.pretrained=true", f"model.weights={work / 'resnet18_random.pth'}"])
+        summary = json.loads(next((out / "results").rglob("summary.json")).read_text())
+        figures = {key: summary.get(key) for key in ("image_auroc", "pixel_auroc", "aupro", "best_epoch",
+                                                      "num_train_images")}
+        figures.update(seed=seed, subset="harness")
+        print(json.dumps(figures), flush=True)
+        append_record(__file__, typed_command(), figures, out=args.out)
+
+
+if __name__ == "__main__":
+    main()
