@@ -2,7 +2,9 @@
 # Our runner (anomaly-detection train, in this process) on the generated data of step_models_compare.py, with
 # one of its draws replaced by the Anomalib harness's: --subset harness trains on the images run_anomalib.py
 # --max-train draws for the seed (a seeded numpy choice over the name-ordered training images) and validates on
-# the rest, instead of our own seeded split. The order of the batches and the initial weights stay the runner's.
+# the rest, instead of our own seeded split. The order of the batches and the initial weights stay the runner's;
+# --no-fit-reseed keeps fit from seeding torch a second time, so the order is drawn from the stream the initial
+# weights came from, not from a stream restarted at the same seed.
 # Beside the runner's own 20-seed figures it tells whether the choice of images is where the runner and the
 # harness part. A diagnosis, not a score:
 #
@@ -23,6 +25,11 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--train-images", type=int, default=48)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--subset", choices=("harness", "ours"), default="harness",
+                        help="harness: the images run_anomalib.py --max-train draws; ours: the runner's own split")
+    parser.add_argument("--no-fit-reseed", action="store_true",
+                        help="fit does not seed torch again (the runner seeds it once, before building the model), "
+                             "so the batch order continues the stream the initial weights came from")
     parser.add_argument("--out", default=None)
     return parser.parse_args(argv)
 
@@ -42,7 +49,11 @@ def main(argv=None):
     args = parse_args(argv)
     import anomaly_detection.runner as runner
     from anomaly_detection import cli
-    runner.split_train_val = harness_split(args.train_images)
+    if args.subset == "harness":
+        runner.split_train_val = harness_split(args.train_images)
+    if args.no_fit_reseed:
+        import anomaly_detection.trainer as trainer_module
+        trainer_module.seed_everything = lambda seed: None
     work = Path(args.work)
     for seed in [int(s) for s in args.seeds.split(",")]:
         out = work / f"runner_draws_{seed}"
@@ -55,7 +66,7 @@ def main(argv=None):
         summary = json.loads(next((out / "results").rglob("summary.json")).read_text())
         figures = {key: summary.get(key) for key in ("image_auroc", "pixel_auroc", "aupro", "best_epoch",
                                                       "num_train_images")}
-        figures.update(seed=seed, subset="harness")
+        figures.update(seed=seed, subset=args.subset, fit_reseed=not args.no_fit_reseed)
         print(json.dumps(figures), flush=True)
         append_record(__file__, typed_command(), figures, out=args.out)
 
