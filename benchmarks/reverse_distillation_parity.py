@@ -124,13 +124,16 @@ def main(argv=None):
         compare(args, seed, subset(train, args, seed), test, labels, masks)
 
 
+def harness_subset(count, size, seed):
+    # run_anomalib.py's --max-train: a seeded draw of indices into the name-ordered training images, sorted
+    import numpy as np
+    return np.sort(np.random.default_rng(seed).choice(count, size, replace=False)).tolist()
+
+
 def subset(train, args, seed):
-    # run_anomalib.py's --max-train: a seeded draw of indices into the name-ordered training images
     if args.subset == "first" or len(train) <= args.max_train:
         return train
-    import numpy as np
-    chosen = np.sort(np.random.default_rng(seed).choice(len(train), args.max_train, replace=False))
-    return train[torch.as_tensor(chosen)]
+    return train[torch.as_tensor(harness_subset(len(train), args.max_train, seed))]
 
 
 def compare(args, seed, train, test, labels, masks):

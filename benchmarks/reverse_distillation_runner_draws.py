@@ -37,9 +37,10 @@ def parse_args(argv=None):
 def harness_split(train_images):
     from torch.utils.data import Subset
 
+    from reverse_distillation_parity import harness_subset
+
     def split(dataset, val_fraction=0.1, seed=0, min_val=1):
-        import numpy as np
-        chosen = np.sort(np.random.default_rng(seed).choice(len(dataset), train_images, replace=False)).tolist()
+        chosen = harness_subset(len(dataset), train_images, seed)
         left_out = sorted(set(range(len(dataset))) - set(chosen))
         return Subset(dataset, chosen), Subset(dataset, left_out)
     return split
