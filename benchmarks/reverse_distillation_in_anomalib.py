@@ -15,6 +15,9 @@
 # states are apart: 0, Lightning's loop optimises as a plain loop does and a difference between the frameworks
 # lies in what each draws (images, order, initial weights); far from 0, in the loop itself. --our-loss trains
 # with our loss function instead of Anomalib's: the same cosine, rounded as our runner rounds it.
+# --save-state F keeps the trained network (the one Anomalib's test scores) for our `anomaly-detection test`;
+# --save-initial-state F keeps the weights the harness drew before training, for reverse_distillation_runner_draws.py
+# --initial-states.
 import argparse
 import contextlib
 import copy
@@ -34,6 +37,7 @@ class OursInAnomalib(nn.Module):
     # optimizer takes .bottleneck and .decoder, its loss views the features (so they leave channels-last here)
     weights = None
     replay = False
+    keep_initial_state = False
     our_loss = False
     built = []
 
@@ -44,7 +48,8 @@ class OursInAnomalib(nn.Module):
             raise SystemExit(f"this diagnosis builds resnet18 only, got {backbone}")
         self.network = ReverseDistillationModel(backbone="resnet18", pretrained=True, weights=self.weights)
         self.bottleneck, self.decoder = self.network.bottleneck, self.network.decoder
-        self.initial_state = copy.deepcopy(self.network.state_dict()) if self.replay else None
+        keep = self.replay or self.keep_initial_state
+        self.initial_state = copy.deepcopy(self.network.state_dict()) if keep else None
         self.batches = []
         OursInAnomalib.built.append(self)
 
@@ -100,6 +105,10 @@ def main():
     parser.add_argument("--our-loss", action="store_true",
                         help="Anomalib's module trains with our loss function on our channels-last features (the "
                              "same cosine, rounded as our runner rounds it) instead of its own")
+    parser.add_argument("--save-state", default=None,
+                        help="write the trained network's state_dict (the one Anomalib's test scores) to this file")
+    parser.add_argument("--save-initial-state", default=None,
+                        help="write the network's state_dict as Anomalib's harness drew it, before training, here")
     parser.add_argument("--out", default=None)
     parser.add_argument("harness", nargs=argparse.REMAINDER, help="-- then run_anomalib.py's options")
     args = parser.parse_args()
@@ -108,6 +117,7 @@ def main():
     import anomalib.models.image.reverse_distillation.lightning_model as lightning_model
     OursInAnomalib.weights = args.ours_weights
     OursInAnomalib.replay = args.replay
+    OursInAnomalib.keep_initial_state = bool(args.save_initial_state)
     if args.replay and args.our_loss:
         raise SystemExit("--replay replays Anomalib's loss; run --our-loss without it")
     OursInAnomalib.our_loss = args.our_loss
@@ -129,6 +139,14 @@ def main():
     figures["loss"] = "ours" if args.our_loss else "Anomalib's"
     if args.replay:
         figures.update(replay_in_plain_loop(OursInAnomalib.built[-1]))
+    if args.save_state or args.save_initial_state:
+        import torch
+        if args.save_state:
+            torch.save(OursInAnomalib.built[-1].network.state_dict(), args.save_state)
+            figures["saved_state"] = args.save_state
+        if args.save_initial_state:
+            torch.save(OursInAnomalib.built[-1].initial_state, args.save_initial_state)
+            figures["saved_initial_state"] = args.save_initial_state
     print(json.dumps(figures))
     append_record(__file__, typed_command(), figures, out=args.out, harness=harness_args)
 

@@ -4,7 +4,9 @@
 # --max-train draws for the seed (a seeded numpy choice over the name-ordered training images) and validates on
 # the rest, instead of our own seeded split. The order of the batches and the initial weights stay the runner's;
 # --no-fit-reseed keeps fit from seeding torch a second time, so the order is drawn from the stream the initial
-# weights came from, not from a stream restarted at the same seed.
+# weights came from, not from a stream restarted at the same seed. --initial-states DIR starts each seed from the
+# initial weights Anomalib's harness drew for it (reverse_distillation_in_anomalib.py --save-initial-state), so
+# with --subset harness only the batch order is still the runner's own.
 # Beside the runner's own 20-seed figures it tells whether the choice of images is where the runner and the
 # harness part. A diagnosis, not a score:
 #
@@ -30,6 +32,9 @@ def parse_args(argv=None):
     parser.add_argument("--no-fit-reseed", action="store_true",
                         help="fit does not seed torch again (the runner seeds it once, before building the model), "
                              "so the batch order continues the stream the initial weights came from")
+    parser.add_argument("--initial-states", default=None,
+                        help="a folder of initial_<seed>.pt (reverse_distillation_in_anomalib.py --save-initial-state): "
+                             "the runner starts from the harness's initial weights instead of drawing its own")
     parser.add_argument("--out", default=None)
     return parser.parse_args(argv)
 
@@ -46,6 +51,22 @@ def harness_split(train_images):
     return split
 
 
+def start_from_saved_states(folder):
+    # the trainer builds the model after the runner seeded torch with the run's seed; the state saved for that
+    # seed replaces what the constructor drew (the frozen encoder comes from the same file on both sides)
+    import torch
+
+    from anomaly_detection.models.reverse_distillation.trainer import ReverseDistillationTrainer
+    build = ReverseDistillationTrainer.build_model.__func__
+
+    def build_from_saved(cls, config, pretrained=None):
+        model = build(cls, config, pretrained)
+        path = folder / f"initial_{config['seed']}.pt"
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model
+    ReverseDistillationTrainer.build_model = classmethod(build_from_saved)
+
+
 def main(argv=None):
     args = parse_args(argv)
     import anomaly_detection.runner as runner
@@ -55,6 +76,8 @@ def main(argv=None):
     if args.no_fit_reseed:
         import anomaly_detection.trainer as trainer_module
         trainer_module.seed_everything = lambda seed: None
+    if args.initial_states:
+        start_from_saved_states(Path(args.initial_states))
     work = Path(args.work)
     for seed in [int(s) for s in args.seeds.split(",")]:
         out = work / f"runner_draws_{seed}"
@@ -67,7 +90,8 @@ def main(argv=None):
         summary = json.loads(next((out / "results").rglob("summary.json")).read_text())
         figures = {key: summary.get(key) for key in ("image_auroc", "pixel_auroc", "aupro", "best_epoch",
                                                       "num_train_images")}
-        figures.update(seed=seed, subset=args.subset, fit_reseed=not args.no_fit_reseed)
+        figures.update(seed=seed, subset=args.subset, fit_reseed=not args.no_fit_reseed,
+                       initial_weights="harness" if args.initial_states else "runner")
         print(json.dumps(figures), flush=True)
         append_record(__file__, typed_command(), figures, out=args.out)
 
