@@ -47,7 +47,8 @@ def main():
             repeats = max(1, args.images // batch)
             bare = images_per_second(bare_forward(model), images, repeats)
             full = images_per_second(model, images, repeats)
-            row = {"model_size": size, "batch": batch, "image_size": args.image_size, "threads": torch.get_num_threads(),
+            row = {"model_size": size, "batch": batch, "image_size": args.image_size,
+                   "threads": torch.get_num_threads(),
                    "bare_images_per_s": round(bare, 2), "efficientad_images_per_s": round(full, 2),
                    "ratio": round(full / bare, 3)}
             rows.append(row)

@@ -143,7 +143,8 @@ def main():
         if "ratio_to_teacher_student" in r:
             print(f"{r['backbone']}: inference {r['stfpm_inference_img_s']:.1f} img/s = "
                   f"{r['ratio_to_teacher_student']:.2f}x teacher+student forward "
-                  f"({r['teacher_student_forward_img_s']:.1f} img/s), teacher alone {r['teacher_forward_img_s']:.1f} img/s")
+                  f"({r['teacher_student_forward_img_s']:.1f} img/s), "
+                  f"teacher alone {r['teacher_forward_img_s']:.1f} img/s")
 
 
 if __name__ == "__main__":

@@ -212,7 +212,8 @@ def _json_default(value):
 
 def peak_rss_mb():
     # data-loader workers are child processes: count the largest of them too
-    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+               resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     # Linux reports KiB, macOS bytes
     return peak / 1024.0 if sys.platform != "darwin" else peak / (1024.0 * 1024.0)
 

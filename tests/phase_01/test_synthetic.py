@@ -40,7 +40,8 @@ def test_layout_counts_and_masks(tmp_path, kind):
     assert sorted(p.name for p in (cat_dir / "test").iterdir()) == sorted(("good",) + DEFECT_TYPES[kind])
     # good images never get masks
     assert sorted(p.name for p in (cat_dir / "ground_truth").iterdir()) == sorted(DEFECT_TYPES[kind])
-    for image_path in list((cat_dir / "train" / "good").glob("*.png")) + list((cat_dir / "test" / "good").glob("*.png")):
+    good_images = list((cat_dir / "train" / "good").glob("*.png")) + list((cat_dir / "test" / "good").glob("*.png"))
+    for image_path in good_images:
         image = _load(image_path)
         assert image.shape == (32, 32, 3) and image.dtype == np.uint8
     for defect in DEFECT_TYPES[kind]:

@@ -64,7 +64,8 @@ def test_random_init_extractor_shapes(name):
     for layer, tensor in features.items():
         stride = extractor.strides[layer]
         assert tuple(tensor.shape) == (1, extractor.channels[layer], 64 // stride, 64 // stride)
-    assert feature_info(name, stages) == {layer: (extractor.channels[layer], extractor.strides[layer]) for layer in stages}
+    expected = {layer: (extractor.channels[layer], extractor.strides[layer]) for layer in stages}
+    assert feature_info(name, stages) == expected
 
 
 @pytest.mark.parametrize("name", list(BACKBONES))
@@ -109,7 +110,8 @@ def test_default_layers_per_family():
     assert PATCHCORE_LAYERS["resnet18"] == ["layer2", "layer3"]
     assert STFPM_LAYERS["wide_resnet50_2"] == ["layer1", "layer2", "layer3"]
     assert STFPM_LAYERS["tf_efficientnet_lite0"] == ["blocks.1", "blocks.2", "blocks.4"]
-    assert feature_info("mobilenet_v2", PATCHCORE_LAYERS["mobilenet_v2"]) == {"features.6": (32, 8), "features.13": (96, 16)}
+    assert feature_info("mobilenet_v2", PATCHCORE_LAYERS["mobilenet_v2"]) == {"features.6": (32, 8),
+                                                                            "features.13": (96, 16)}
     assert get_backbone_normalization("resnet50") == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert get_backbone_normalization("tf_efficientnet_lite0") == ((0.5,) * 3, (0.5,) * 3)
 

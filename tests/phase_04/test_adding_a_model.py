@@ -82,4 +82,5 @@ def test_a_new_model_trains_tests_and_predicts_through_the_cli(tmp_path, monkeyp
     assert state["model_class"] == "MeanDistanceModel" and state["threshold"]["num_images"] == 3
     assert state["model"]["feature_mean"].shape == (128, 8, 8)
 
-    assert_model_file_reproduces(summary, sorted((tmp_path / "run" / "data" / "demo" / "test" / "good").glob("*.png"))[0])
+    first_good = sorted((tmp_path / "run" / "data" / "demo" / "test" / "good").glob("*.png"))[0]
+    assert_model_file_reproduces(summary, first_good)

@@ -33,7 +33,8 @@ def test_distillation_writes_a_pdn_teacher_with_its_recipe(generic_images, rando
     summary = distil(generic_images, random_backbone_root, tmp_path / "teacher_small.pth")
     state = torch.load(tmp_path / "teacher_small.pth", map_location="cpu", weights_only=True)
     expected = PDN("small", 384).state_dict()
-    assert {k: tuple(v.shape) for k, v in state["state_dict"].items()} == {k: tuple(v.shape) for k, v in expected.items()}
+    shapes = {k: tuple(v.shape) for k, v in state["state_dict"].items()}
+    assert shapes == {k: tuple(v.shape) for k, v in expected.items()}
     recipe = state["recipe"]
     assert recipe["backbone"] == "resnet18" and recipe["layers"] == ["layer2", "layer3"]
     assert recipe["num_images"] == 6 and recipe["steps"] == 4 and recipe["extractor_image_size"] == 64

@@ -13,7 +13,8 @@ from anomaly_detection.metrics.auroc import (
 from anomaly_detection.metrics.pro import compute_aupro
 
 # the plotting functions load matplotlib on first use, so scoring and metrics alone do not import it
-_VISUALIZATION = ("denormalize_image", "plot_anomaly_panel", "plot_heatmap_overlay", "plot_pr_curve", "plot_roc_curve", "plot_score_histogram")
+_VISUALIZATION = ("denormalize_image", "plot_anomaly_panel", "plot_heatmap_overlay", "plot_pr_curve", "plot_roc_curve",
+                  "plot_score_histogram")
 
 
 def __getattr__(name):

@@ -206,12 +206,14 @@ def _read_state_dict(path):
 def _map_by_position(state, model_state, path):
     # lukemelas EfficientNet keys are registered in the same order as timm's tf_efficientnet_lite0 keys
     if len(state) != len(model_state):
-        raise ValueError(f"Backbone weights {path}: {len(state)} tensors, but tf_efficientnet_lite0 has {len(model_state)}")
+        raise ValueError(f"Backbone weights {path}: {len(state)} tensors, "
+                         f"but tf_efficientnet_lite0 has {len(model_state)}")
     mapped = {}
     for (key, value), (target, expected) in zip(state.items(), model_state.items()):
         if value.shape != expected.shape:
             raise ValueError(
-                f"Backbone weights {path}: '{key}' {tuple(value.shape)} does not map onto '{target}' {tuple(expected.shape)}"
+                f"Backbone weights {path}: '{key}' {tuple(value.shape)} does not map onto "
+                f"'{target}' {tuple(expected.shape)}"
             )
         mapped[target] = value
     return mapped

@@ -41,7 +41,8 @@ def run_checkpointed(modules, hidden):
     # Recomputation in the backward pass runs the BatchNorm layers in training mode a second time; with
     # their momentum at 0 and the batch counter restored it leaves the running statistics as one forward
     # pass left them, so a run with checkpointing ends with the same weights and statistics as one without.
-    norms = [layer for module in modules for layer in module.modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm)]
+    norms = [layer for module in modules for layer in module.modules()
+             if isinstance(layer, nn.modules.batchnorm._BatchNorm)]
     return checkpoint(run_sequence, modules, hidden, use_reentrant=False,
                       context_fn=lambda: (contextlib.nullcontext(), _frozen_running_stats(norms)))
 

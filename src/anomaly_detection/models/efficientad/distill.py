@@ -1,5 +1,6 @@
 # src/anomaly_detection/models/efficientad/distill.py
-"""EfficientAD teacher pretraining (Batzner et al., WACV 2024, appendix: distillation of a pretrained backbone into the PDN)."""
+"""EfficientAD teacher pretraining (Batzner et al., WACV 2024, appendix: distillation of a pretrained backbone into
+the PDN)."""
 import json
 import math
 import time

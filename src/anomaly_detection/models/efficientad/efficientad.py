@@ -1,5 +1,6 @@
 # src/anomaly_detection/models/efficientad/efficientad.py
-"""EfficientAD: Batzner et al., "EfficientAD: Accurate Visual Anomaly Detection at Millisecond-Level Latencies" (WACV 2024)."""
+"""EfficientAD: Batzner et al., "EfficientAD: Accurate Visual Anomaly Detection at Millisecond-Level Latencies"
+(WACV 2024)."""
 from pathlib import Path
 
 import torch

@@ -1,5 +1,6 @@
 # src/anomaly_detection/models/reverse_distillation/reverse_distillation.py
-"""Reverse Distillation: Deng and Li, "Anomaly Detection via Reverse Distillation from One-Class Embedding" (CVPR 2022)."""
+"""Reverse Distillation: Deng and Li, "Anomaly Detection via Reverse Distillation from One-Class Embedding"
+(CVPR 2022)."""
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -50,7 +50,8 @@ def compute_anomaly_map(teacher_features, student_features, image_size):
     anomaly_map = None
     for layer, teacher in teacher_features.items():
         student = student_features[layer]
-        distance = 0.5 * (F.normalize(teacher.float(), dim=1) - F.normalize(student.float(), dim=1)).pow(2).sum(1, keepdim=True)
+        difference = F.normalize(teacher.float(), dim=1) - F.normalize(student.float(), dim=1)
+        distance = 0.5 * difference.pow(2).sum(1, keepdim=True)
         distance = upsample_map(distance, image_size)
         anomaly_map = distance if anomaly_map is None else anomaly_map * distance
     return anomaly_map
