@@ -58,6 +58,15 @@ def test_every_python_file_starts_with_its_path():
     assert not wrong, "first line must be the file's path:\n" + "\n".join(wrong)
 
 
+def test_no_line_longer_than_120_characters():
+    too_long = []
+    for path in python_files():
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if len(line) > 120:
+                too_long.append(f"{path.relative_to(PROJECT_ROOT)}:{number}: {len(line)} characters")
+    assert not too_long, "the seed's coding rules allow 120 characters per line:\n" + "\n".join(too_long)
+
+
 def test_no_type_hints_and_no_docstrings():
     problems = []
     for path in python_files():
