@@ -38,6 +38,8 @@ class OursInAnomalib(nn.Module):
     weights = None
     replay = False
     keep_initial_state = False
+    initial_states = None
+    seed = None
     our_loss = False
     built = []
 
@@ -47,6 +49,10 @@ class OursInAnomalib(nn.Module):
         if backbone != "resnet18":
             raise SystemExit(f"this diagnosis builds resnet18 only, got {backbone}")
         self.network = ReverseDistillationModel(backbone="resnet18", pretrained=True, weights=self.weights)
+        if self.initial_states is not None:
+            import torch
+            path = self.initial_states / f"initial_{self.seed}.pt"
+            self.network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         self.bottleneck, self.decoder = self.network.bottleneck, self.network.decoder
         keep = self.replay or self.keep_initial_state
         self.initial_state = copy.deepcopy(self.network.state_dict()) if keep else None
@@ -109,15 +115,27 @@ def main():
                         help="write the trained network's state_dict (the one Anomalib's test scores) to this file")
     parser.add_argument("--save-initial-state", default=None,
                         help="write the network's state_dict as Anomalib's harness drew it, before training, here")
+    parser.add_argument("--initial-states", default=None,
+                        help="a folder of initial_<seed>.pt: the network starts from the weights saved for the "
+                             "harness's --seed (our runner's own draws, captured with "
+                             "reverse_distillation_runner_draws.py --save-initial-states) instead of those the "
+                             "harness draws")
     parser.add_argument("--out", default=None)
     parser.add_argument("harness", nargs=argparse.REMAINDER, help="-- then run_anomalib.py's options")
     args = parser.parse_args()
     harness_args = args.harness[1:] if args.harness[:1] == ["--"] else args.harness
+    command = typed_command()  # before sys.argv becomes the harness's own command line below
 
     import anomalib.models.image.reverse_distillation.lightning_model as lightning_model
     OursInAnomalib.weights = args.ours_weights
     OursInAnomalib.replay = args.replay
     OursInAnomalib.keep_initial_state = bool(args.save_initial_state)
+    if args.initial_states:
+        seed_at = harness_args.index("--seed") if "--seed" in harness_args else None
+        if seed_at is None:
+            raise SystemExit("--initial-states needs the harness's --seed")
+        OursInAnomalib.initial_states = Path(args.initial_states)
+        OursInAnomalib.seed = int(harness_args[seed_at + 1])
     if args.replay and args.our_loss:
         raise SystemExit("--replay replays Anomalib's loss; run --our-loss without it")
     OursInAnomalib.our_loss = args.our_loss
@@ -137,6 +155,7 @@ def main():
                                                "peak_rss_mb", "train_images")}
     figures["network"] = "ours in Anomalib's harness"
     figures["loss"] = "ours" if args.our_loss else "Anomalib's"
+    figures["initial_weights"] = "saved (--initial-states)" if args.initial_states else "the harness's draw"
     if args.replay:
         figures.update(replay_in_plain_loop(OursInAnomalib.built[-1]))
     if args.save_state or args.save_initial_state:
@@ -148,7 +167,7 @@ def main():
             torch.save(OursInAnomalib.built[-1].initial_state, args.save_initial_state)
             figures["saved_initial_state"] = args.save_initial_state
     print(json.dumps(figures))
-    append_record(__file__, typed_command(), figures, out=args.out, harness=harness_args)
+    append_record(__file__, command, figures, out=args.out, harness=harness_args)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,12 @@ def parse_args(argv=None):
                         help="fit does not seed torch again (the runner seeds it once, before building the model), "
                              "so the batch order continues the stream the initial weights came from")
     parser.add_argument("--initial-states", default=None,
-                        help="a folder of initial_<seed>.pt (reverse_distillation_in_anomalib.py --save-initial-state): "
-                             "the runner starts from the harness's initial weights instead of drawing its own")
+                        help="a folder of initial_<seed>.pt (reverse_distillation_in_anomalib.py "
+                             "--save-initial-state): the runner starts from the harness's initial weights instead "
+                             "of drawing its own")
+    parser.add_argument("--save-initial-states", default=None,
+                        help="a folder: the runner's own initial weights for each seed go there as initial_<seed>.pt "
+                             "(for reverse_distillation_in_anomalib.py --initial-states)")
     parser.add_argument("--out", default=None)
     return parser.parse_args(argv)
 
@@ -51,20 +55,25 @@ def harness_split(train_images):
     return split
 
 
-def start_from_saved_states(folder):
-    # the trainer builds the model after the runner seeded torch with the run's seed; the state saved for that
-    # seed replaces what the constructor drew (the frozen encoder comes from the same file on both sides)
+def patch_initial_states(load_from=None, save_to=None):
+    # the trainer builds the model after the runner seeded torch with the run's seed. load_from: the state saved
+    # for that seed replaces what the constructor drew (the frozen encoder comes from the same file on both
+    # sides); save_to: what the constructor drew is written there, for reverse_distillation_in_anomalib.py
     import torch
 
     from anomaly_detection.models.reverse_distillation.trainer import ReverseDistillationTrainer
     build = ReverseDistillationTrainer.build_model.__func__
 
-    def build_from_saved(cls, config, pretrained=None):
+    def build_and_swap(cls, config, pretrained=None):
         model = build(cls, config, pretrained)
-        path = folder / f"initial_{config['seed']}.pt"
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        name = f"initial_{config['seed']}.pt"
+        if save_to is not None:
+            save_to.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), save_to / name)
+        if load_from is not None:
+            model.load_state_dict(torch.load(load_from / name, map_location="cpu", weights_only=True))
         return model
-    ReverseDistillationTrainer.build_model = classmethod(build_from_saved)
+    ReverseDistillationTrainer.build_model = classmethod(build_and_swap)
 
 
 def main(argv=None):
@@ -76,8 +85,9 @@ def main(argv=None):
     if args.no_fit_reseed:
         import anomaly_detection.trainer as trainer_module
         trainer_module.seed_everything = lambda seed: None
-    if args.initial_states:
-        start_from_saved_states(Path(args.initial_states))
+    if args.initial_states or args.save_initial_states:
+        patch_initial_states(Path(args.initial_states) if args.initial_states else None,
+                             Path(args.save_initial_states) if args.save_initial_states else None)
     work = Path(args.work)
     for seed in [int(s) for s in args.seeds.split(",")]:
         out = work / f"runner_draws_{seed}"
