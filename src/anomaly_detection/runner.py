@@ -144,6 +144,7 @@ def train_and_evaluate(config, category=None, resume=False):
     trainer.fit(train_loader, val_loader, num_epochs=config["training"]["num_epochs"], resume_from=resume_from)
     best = dirs["checkpoints"] / "best.pt"
     epoch = trainer.load_checkpoint(best) if distributed.broadcast_object(best.is_file()) else trainer.current_epoch
+    warn_if_first_epoch_kept(trainer.history, epoch, len(train_loader), trainer.monitor)
     evaluator = make_evaluator(config, trainer.model, dirs["results"])
     threshold = calibrate_threshold(evaluator, val_loader, train_loader, config["evaluation"]["threshold_quantile"])
     fit_s = time.perf_counter() - started
@@ -159,6 +160,20 @@ def train_and_evaluate(config, category=None, resume=False):
                      epochs_run=len(epochs), best_epoch=epoch, fit_peak_rss_mb=fit_peak_rss_mb,
                      train_s_per_epoch=sum(r["train_s"] for r in epochs) / len(epochs) if epochs else None,
                      epoch_s=[round(r["epoch_s"], 3) for r in epochs])
+
+
+def warn_if_first_epoch_kept(history, kept_epoch, steps_per_epoch, monitor):
+    # every later epoch scored worse on the validation images. After a few optimizer steps that is often not the
+    # weights but BatchNorm statistics lagging them (eval-mode validation): say so, the model kept is nearly untrained
+    epochs = [record["epoch"] for record in history if monitor in record]
+    if len(epochs) < 2 or kept_epoch != min(epochs):
+        return False
+    logger.warning("%s kept epoch %d of %d (%d optimizer step(s) per epoch): every later epoch scored worse on the "
+                   "validation images. In a short run BatchNorm running statistics lag the weights and can make "
+                   "this happen to a model that is still learning; check the epochs' %s in the log, or train "
+                   "longer (more epochs or a smaller training.batch_size)",
+                   monitor, kept_epoch, len(epochs), steps_per_epoch, monitor)
+    return True
 
 
 def calibrate_threshold(evaluator, val_loader, train_loader, quantile):

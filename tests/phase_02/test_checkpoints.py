@@ -171,3 +171,19 @@ def test_foreign_torch_file_is_not_a_checkpoint(tmp_path):
 def test_missing_checkpoint_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
         load_checkpoint_file(tmp_path / "nowhere.pt")
+
+
+@pytest.mark.parametrize("values, warned", [([1.0, 2.0, 3.0], True), ([3.0, 1.0, 2.0], False), ([1.0], False)])
+def test_keeping_the_first_of_several_epochs_is_reported(tiny, tmp_path, caplog, values, warned):
+    from anomaly_detection.runner import warn_if_first_epoch_kept
+    trainer = scripted_trainer(tiny, values)(tiny.TinyNet(), device="cpu", checkpoint_dir=tmp_path,
+                                             progress_bar=False)
+    trainer.fit(tiny.make_loader(4, 2), tiny.make_loader(2, 2, seed=1), num_epochs=len(values))
+    kept = load_checkpoint_file(tmp_path / "best.pt")["epoch"]
+    assert warn_if_first_epoch_kept(trainer.history, kept, 2, "val_loss") is warned
+    notes = [r.message for r in caplog.records if r.levelname == "WARNING" and "kept epoch" in r.message]
+    assert notes == ([f"val_loss kept epoch 0 of {len(values)} (2 optimizer step(s) per epoch): every later epoch "
+                      "scored worse on the validation images. In a short run BatchNorm running statistics lag the "
+                      "weights and can make this happen to a model that is still learning; check the epochs' "
+                      "val_loss in the log, or train longer (more epochs or a smaller training.batch_size)"]
+                     if warned else [])
