@@ -7,6 +7,9 @@
 # weights came from, not from a stream restarted at the same seed. --initial-states DIR starts each seed from the
 # initial weights Anomalib's harness drew for it (reverse_distillation_in_anomalib.py --save-initial-state), so
 # with --subset harness only the batch order is still the runner's own.
+# --save-initial-states DIR writes the weights the runner draws, for reverse_distillation_in_anomalib.py
+# --initial-states. --precise-bn (a diagnosis of the epoch choice) re-estimates the trainable BatchNorm statistics
+# over the training images after each epoch, before the validation loss is taken.
 # Beside the runner's own 20-seed figures it tells whether the choice of images is where the runner and the
 # harness part. A diagnosis, not a score:
 #
@@ -27,6 +30,8 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--train-images", type=int, default=48)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="with --subset ours: data.val_fraction (step_models_compare.py carves 0.2)")
     parser.add_argument("--subset", choices=("harness", "ours"), default="harness",
                         help="harness: the images run_anomalib.py --max-train draws; ours: the runner's own split")
     parser.add_argument("--no-fit-reseed", action="store_true",
@@ -39,6 +44,10 @@ def parse_args(argv=None):
     parser.add_argument("--save-initial-states", default=None,
                         help="a folder: the runner's own initial weights for each seed go there as initial_<seed>.pt "
                              "(for reverse_distillation_in_anomalib.py --initial-states)")
+    parser.add_argument("--precise-bn", action="store_true",
+                        help="before each validation, re-estimate the trainable BatchNorm statistics as the mean over "
+                             "the epoch's training images (detectron2's PreciseBN), so the validation loss and the "
+                             "checkpoint judge the weights, not statistics that lag them by a few steps")
     parser.add_argument("--out", default=None)
     return parser.parse_args(argv)
 
@@ -76,6 +85,34 @@ def patch_initial_states(load_from=None, save_to=None):
     ReverseDistillationTrainer.build_model = classmethod(build_and_swap)
 
 
+def patch_precise_batch_norm():
+    # after each training epoch: reset the bottleneck's and decoder's BatchNorm statistics and average them over
+    # one more pass of the training images (no gradients, in order, so torch's generator is not touched)
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from anomaly_detection.models.reverse_distillation.trainer import ReverseDistillationTrainer
+    train_epoch = ReverseDistillationTrainer.train_epoch
+
+    def train_epoch_then_recalibrate(self, train_loader, epoch):
+        loss = train_epoch(self, train_loader, epoch)
+        norms = [m for part in (self.model.bottleneck, self.model.decoder) for m in part.modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = [norm.momentum for norm in norms]
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # a cumulative mean over the pass
+        self.model.train()
+        with torch.no_grad():
+            for batch in DataLoader(train_loader.dataset, batch_size=train_loader.batch_size):
+                self.model.extract(batch["image"].to(self.device))
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        return loss
+    ReverseDistillationTrainer.train_epoch = train_epoch_then_recalibrate
+
+
 def main(argv=None):
     args = parse_args(argv)
     import anomaly_detection.runner as runner
@@ -88,6 +125,8 @@ def main(argv=None):
     if args.initial_states or args.save_initial_states:
         patch_initial_states(Path(args.initial_states) if args.initial_states else None,
                              Path(args.save_initial_states) if args.save_initial_states else None)
+    if args.precise_bn:
+        patch_precise_batch_norm()
     work = Path(args.work)
     for seed in [int(s) for s in args.seeds.split(",")]:
         out = work / f"runner_draws_{seed}"
@@ -96,12 +135,14 @@ def main(argv=None):
                   f"checkpoint_dir={out / 'checkpoints'}", f"log_dir={out / 'logs'}", f"seed={seed}",
                   "data.num_workers=0", "data.eval_batch_size=32", "training.progress_bar=false",
                   "evaluation.figures=false", "model.backbone=resnet18", f"training.num_epochs={args.epochs}",
-                  "training.batch_size=32", "model.pretrained=true", f"model.weights={work / 'resnet18_random.pth'}"])
+                  "training.batch_size=32", "model.pretrained=true", f"model.weights={work / 'resnet18_random.pth'}",
+                  f"data.val_fraction={args.val_fraction}"])
         summary = json.loads(next((out / "results").rglob("summary.json")).read_text())
         figures = {key: summary.get(key) for key in ("image_auroc", "pixel_auroc", "aupro", "best_epoch",
                                                       "num_train_images")}
         figures.update(seed=seed, subset=args.subset, fit_reseed=not args.no_fit_reseed,
-                       initial_weights="harness" if args.initial_states else "runner")
+                       initial_weights="harness" if args.initial_states else "runner", precise_bn=args.precise_bn,
+                       val_fraction=args.val_fraction if args.subset == "ours" else None)
         print(json.dumps(figures), flush=True)
         append_record(__file__, typed_command(), figures, out=args.out)
 
