@@ -19,23 +19,17 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from efficientad_peer_map_sources import held_out_paths, image_tensor  # noqa: E402
 from record import append_record, read_records, results_path, typed_command  # noqa: E402
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
-def held_out_paths(train_dir, max_train, seed):
-    from reverse_distillation_parity import harness_subset
-    paths = sorted(p for p in Path(train_dir).iterdir() if p.is_file())
-    trained = set(harness_subset(len(paths), max_train, seed))
-    return [path for index, path in enumerate(paths) if index not in trained]
-
-
 def raw_maps_function(checkpoint):
     # both take the image in [0, 1]: Anomalib's networks normalise it themselves, ours take it normalised
     if checkpoint.endswith(".ckpt"):
-        from efficientad_peer_map_sources import load_peer_model
+        from efficientad_peer_map_sources import load_peer_model  # imports Anomalib: its python only
         model = load_peer_model(checkpoint)
 
         def peer_maps(image):
@@ -60,10 +54,9 @@ def analyse(args):
     rows = []
     with torch.no_grad():
         for path in held_out_paths(args.train_dir, args.max_train, args.seed):
-            image = Image.open(path).convert("RGB")
-            size = image.size
-            pixels = np.asarray(image.resize((args.image_size, args.image_size), Image.BILINEAR), dtype=np.float32)
-            tensor = torch.from_numpy(pixels / 255.0).permute(2, 0, 1)[None]
+            with Image.open(path) as image:
+                size = image.size
+            tensor = image_tensor(path, args.image_size)[None]
             map_st, map_ae = maps(tensor)
             rows.append({"image": path.name, "size": list(size), "brightness": float(tensor.mean()),
                          "autoencoder_max": float(map_ae.amax()), "student_teacher_max": float(map_st.amax())})

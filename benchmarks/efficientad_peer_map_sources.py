@@ -39,31 +39,37 @@ def load_peer_model(checkpoint):
     return model.eval()
 
 
-def test_split(test_dir, image_size):
+def image_tensor(path, image_size):
     # Anomalib's EfficientAD input: the image resized, in [0, 1] (the networks normalise it themselves)
+    image = Image.open(path).convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def test_split(test_dir, image_size):
     test_dir = Path(test_dir)
     paths = sorted(p for p in test_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     ground_truth = test_dir.parent / "ground_truth"
     for path in paths:
-        image = Image.open(path).convert("RGB").resize((image_size, image_size), Image.BILINEAR)
         mask_path = ground_truth / path.parent.name / f"{path.stem}_mask.png"
         mask = np.zeros((image_size, image_size), bool)
         if path.parent.name != "good" and mask_path.is_file():
             mask = np.array(Image.open(mask_path).convert("L").resize((image_size, image_size), Image.NEAREST)) > 127
-        yield torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1), \
-            int(path.parent.name != "good"), mask
+        yield image_tensor(path, image_size), int(path.parent.name != "good"), mask
 
 
-def held_out_normals(train_dir, max_train, seed, image_size):
+def held_out_paths(train_dir, max_train, seed):
+    # the name-ordered training images run_anomalib.py --max-train did not draw for the seed
     from reverse_distillation_parity import harness_subset
     paths = sorted(p for p in Path(train_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if len(paths) <= max_train:
         raise SystemExit(f"{train_dir} holds {len(paths)} images: --max-train {max_train} leaves none held out")
     trained = set(harness_subset(len(paths), max_train, seed))
-    for index, path in enumerate(paths):
-        if index not in trained:
-            image = Image.open(path).convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-            yield torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return [path for index, path in enumerate(paths) if index not in trained]
+
+
+def held_out_normals(train_dir, max_train, seed, image_size):
+    for path in held_out_paths(train_dir, max_train, seed):
+        yield image_tensor(path, image_size)
 
 
 def held_out_quantiles(model, images):
