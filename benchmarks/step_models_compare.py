@@ -11,9 +11,11 @@
 #   python benchmarks/step_models_compare.py --data magnetic_tile --backbone tf_efficientnet_lite0 \
 #       --models reverse_distillation --epochs 8 --skip-peer
 #
-# Training time on each side is the time of the training batches alone (Anomalib: its fit minus its validation
-# loops, as run_anomalib.py reports it; ours: the sum of the epochs' train_s, plus EfficientAD's teacher
-# statistics pass, which Anomalib counts in its fit too). Both sides train on the same images: ours carves its
+# Training time is given two ways. train_s: Anomalib's fit minus its validation loops, as run_anomalib.py reports
+# it (Lightning's set-up and checkpointing included); ours: the sum of the epochs' train_s, plus EfficientAD's
+# teacher statistics pass, which Anomalib counts in its fit too. loop_s, the like-for-like figure: the training
+# batch loops alone on both sides (Anomalib: the sum of its epoch_train_s; ours: the sum of the epochs' train_s),
+# and loop_ratio is what the time goals are judged on. Both sides train on the same images: ours carves its
 # validation images out of the training folder, so Anomalib gets as many (--max-train), and ours' validation
 # passes (which choose the epoch and fit EfficientAD's map quantiles) are outside the timed part, like
 # Anomalib's validation on the test set.
@@ -33,8 +35,8 @@ from record import PEER_DIR, PEER_PYTHON, SHARED, append_record, typed_command, 
 
 PEER_NAMES = {"efficientad": "efficient_ad", "fastflow": "fastflow", "reverse_distillation": "reverse_distillation"}
 PENALTY_IMAGES = SHARED / "data" / "imagenet_sample" / "images"
-FIGURES = ("image_auroc", "pixel_auroc", "aupro", "train_s", "test_s", "peak_rss_mb", "train_images", "epochs",
-           "steps")
+FIGURES = ("image_auroc", "pixel_auroc", "aupro", "train_s", "loop_s", "test_s", "peak_rss_mb", "train_images",
+           "epochs", "steps")
 
 
 def parse_args(argv=None):
@@ -147,8 +149,9 @@ def run_ours(model, setup, args, work):
     result, info = run_process(command)
     summary = last_json_line(result.stdout)
     epochs = summary.get("epochs_run") or 0
-    train_s = (summary.get("train_s_per_epoch") or 0) * epochs + teacher_statistics_s(result.stderr)
-    return dict(summary, side="ours", train_s=round(train_s, 2), epochs=epochs,
+    loop_s = (summary.get("train_s_per_epoch") or 0) * epochs
+    train_s = loop_s + teacher_statistics_s(result.stderr)
+    return dict(summary, side="ours", train_s=round(train_s, 2), loop_s=round(loop_s, 2), epochs=epochs,
                 steps=args.max_steps if model == "efficientad" else None, train_images=summary.get("num_train_images"),
                 aupro=summary.get("pixel_aupro", summary.get("aupro")), overrides=overrides, **info)
 
@@ -179,7 +182,26 @@ def run_peer(model, setup, args, work):
     result, info = run_process(command, env)
     record = last_json_line(result.stdout)
     return dict(record, side="anomalib", aupro=record.get("pixel_aupro"), epochs=record.get("epochs_run"),
-                steps=args.max_steps if model == "efficientad" else None, **info)
+                loop_s=peer_loop_s(record), steps=args.max_steps if model == "efficientad" else None, **info)
+
+
+def peer_loop_s(record):
+    # the training batch loops alone, measured by run_anomalib.py's PhaseTimer from each epoch's start to its last
+    # batch; None when the harness reported no epoch
+    epochs = record.get("epoch_train_s") or []
+    return round(sum(epochs), 2) if epochs else None
+
+
+def batch_size(args, model):
+    return 1 if model == "efficientad" else args.batch_size
+
+
+def recorded_batch_size(record):
+    # records before 2026-12-01 19:30 name the batch size only in their command line (the script's default: 32)
+    if record.get("batch_size") is not None:
+        return record["batch_size"]
+    words = shlex.split(record.get("command", ""))
+    return int(words[words.index("--batch-size") + 1]) if "--batch-size" in words else 32
 
 
 def recorded_peer(args, model, context):
@@ -192,26 +214,30 @@ def recorded_peer(args, model, context):
         result = record["result"]
         if any(record.get(key) != context.get(key) for key in same) or result.get("seed") != args.seed:
             continue
+        if model != "efficientad" and recorded_batch_size(record) != args.batch_size:
+            continue
         if (model == "efficientad" and record["figures"].get("steps") != args.max_steps) or \
                 (model != "efficientad" and result.get("epochs_run") != args.epochs):
             continue
         found = dict(result, side="anomalib", aupro=result.get("pixel_aupro"), epochs=result.get("epochs_run"),
-                     steps=record["figures"].get("steps"), recorded=record["date"])
+                     loop_s=peer_loop_s(result), steps=record["figures"].get("steps"), recorded=record["date"])
     if found is None:
         raise SystemExit(f"--reuse-peer: no recorded Anomalib {model} run in {args.out} with these settings")
     return found
 
 
 def compare(model, ours, peer):
-    keys = ("train_s", "test_s", "peak_rss_mb", "image_auroc", "pixel_auroc", "aupro", "train_images", "epochs")
+    keys = ("train_s", "loop_s", "test_s", "peak_rss_mb", "image_auroc", "pixel_auroc", "aupro", "train_images",
+            "epochs")
     return {"model": model, "train_ratio": ratio(ours["train_s"], peer["train_s"]),
+            "loop_ratio": ratio(ours.get("loop_s"), peer.get("loop_s")),
             "test_ratio": ratio(ours["test_s"], peer["test_s"]),
             "peak_rss_ratio": ratio(ours["peak_rss_mb"], peer["peak_rss_mb"]),
             "ours": {key: ours.get(key) for key in keys}, "anomalib": {key: peer.get(key) for key in keys}}
 
 
 def print_table(rows):
-    header = ("model", "train s ours/anomalib", "train x", "RSS MB ours/anomalib", "RSS x", "img AUROC o/a",
+    header = ("model", "train s ours/anomalib", "train x", "loop x", "RSS MB ours/anomalib", "RSS x", "img AUROC o/a",
               "pix AUROC o/a", "AU-PRO o/a")
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
@@ -219,7 +245,7 @@ def print_table(rows):
         ours, peer = row["ours"], row["anomalib"]
         print(" | ".join([
             row["model"], f"{number(ours['train_s'], 1)}/{number(peer['train_s'], 1)}", number(row["train_ratio"], 2),
-            f"{number(ours['peak_rss_mb'], 0)}/{number(peer['peak_rss_mb'], 0)}", number(row["peak_rss_ratio"], 2),
+            number(row["loop_ratio"], 2), f"{number(ours['peak_rss_mb'], 0)}/{number(peer['peak_rss_mb'], 0)}", number(row["peak_rss_ratio"], 2),
             f"{number(ours['image_auroc'])}/{number(peer['image_auroc'])}",
             f"{number(ours['pixel_auroc'])}/{number(peer['pixel_auroc'])}",
             f"{number(ours['aupro'])}/{number(peer['aupro'])}"]))
@@ -248,7 +274,7 @@ def main(argv=None):
         elif not args.skip_peer:
             peer = run_peer(model, setup, args, work)
             write_record(args, {key: peer.get(key) for key in FIGURES}, kind="run", side="anomalib", model=model,
-                         **context, result=peer)
+                         batch_size=batch_size(args, model), **context, result=peer)
             print(f"anomalib {model}: {json.dumps({k: peer.get(k) for k in FIGURES})}", file=sys.stderr)
         if args.skip_ours:
             continue
@@ -257,10 +283,11 @@ def main(argv=None):
         if peer is not None:
             row = compare(model, ours, peer)
             rows.append(row)
-            figures.update({key: row[key] for key in ("train_ratio", "test_ratio", "peak_rss_ratio")},
+            figures.update({key: row[key] for key in ("train_ratio", "loop_ratio", "test_ratio", "peak_rss_ratio")},
                            anomalib={key: peer.get(key) for key in FIGURES})
         print(f"ours {model}: {json.dumps(figures)}", file=sys.stderr)
-        write_record(args, figures, kind="run", side="ours", model=model, **context, result=ours)
+        write_record(args, figures, kind="run", side="ours", model=model, batch_size=batch_size(args, model),
+                     **context, result=ours)
     if rows:
         print_table(rows)
     return 0

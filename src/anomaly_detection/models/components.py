@@ -10,6 +10,18 @@ def upsample_map(maps, size):
     return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def map_in_chunks(function, images, chunk_size):
+    # a model's eval-mode scoring a few images at a time: its backbone's first maps are large, and per image a
+    # small chunk runs as fast on the CPU as a whole test batch
+    return torch.cat([function(chunk) for chunk in images.split(chunk_size)])
+
+
+def mean_in_chunks(function, images, chunk_size):
+    # the batch mean of a per-image mean (a validation loss in eval mode) computed in chunks: each chunk's mean
+    # weighted by its size
+    return sum(function(chunk) * chunk.shape[0] for chunk in images.split(chunk_size)) / images.shape[0]
+
+
 def gaussian_blur(maps, sigma):
     # separable, 4-sigma radius, reflect padding (scipy's mode "mirror": the edge pixel is not repeated)
     if sigma <= 0:

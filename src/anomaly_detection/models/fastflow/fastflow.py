@@ -7,13 +7,17 @@ from torch import nn
 
 from anomaly_detection.config import FROM_YAML, fill_from_yaml
 from anomaly_detection.models.backbones import FeatureExtractor, layers_or_default
-from anomaly_detection.models.components import upsample_map
+from anomaly_detection.models.components import map_in_chunks, mean_in_chunks, upsample_map
 
 # model.layers: null takes these: three scales (strides 4, 8, 16), as the reference's timm out_indices 1-3
 RESNET_LAYERS = ["layer1", "layer2", "layer3"]
 DEFAULT_LAYERS = dict.fromkeys(("resnet18", "resnet50", "wide_resnet50_2"), RESNET_LAYERS)
 DEFAULT_LAYERS.update(mobilenet_v2=["features.3", "features.6", "features.13"],
                       tf_efficientnet_lite0=["blocks.1", "blocks.2", "blocks.4"])
+
+# images scored at once in eval mode: a test batch of 32 rose 300 MB above the model (resnet18, 256 px) against
+# 120 MB for 8 (benchmarks/RESULTS.md, "Reverse Distillation and FastFlow: like-for-like training time")
+INFERENCE_CHUNK = 8
 
 
 def subnet(in_channels, out_channels, kernel_size, hidden_ratio):
@@ -127,11 +131,19 @@ class FastFlowModel(nn.Module):
         return hidden_variables, log_jacobians
 
     def forward(self, images):
-        hidden_variables, log_jacobians = self.encode(images)
         if self.training:
-            return hidden_variables, log_jacobians
-        anomaly_map = compute_anomaly_map(hidden_variables, images.shape[-2:])
+            return self.encode(images)
+        # the export traces score() on the whole batch instead (export.py): a traced split would freeze its count
+        anomaly_map = map_in_chunks(self.score, images, INFERENCE_CHUNK)
         return {"anomaly_map": anomaly_map, "pred_score": anomaly_map.flatten(1).amax(dim=1)}
+
+    def score(self, images):
+        return compute_anomaly_map(self.encode(images)[0], images.shape[-2:])
+
+    def validation_loss(self, images, loss_fn):
+        # the mean over the images of loss_fn, in the chunks forward() scores in (eval mode: each image's loss is
+        # its own)
+        return mean_in_chunks(lambda chunk: loss_fn(*self.encode(chunk)), images, INFERENCE_CHUNK)
 
 
 def check_hyper_parameters(args):

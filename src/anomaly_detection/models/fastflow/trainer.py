@@ -2,6 +2,7 @@
 import torch
 
 from anomaly_detection.config import FROM_YAML, fill_from_yaml
+from anomaly_detection.models.fastflow.export import ExportableFastFlow
 from anomaly_detection.models.fastflow.fastflow import FastFlowLoss, FastFlowModel
 from anomaly_detection.trainer import BaseTrainer, model_arguments, trainer_arguments
 
@@ -25,6 +26,10 @@ class FastFlowTrainer(BaseTrainer):
         return FastFlowModel(**model_arguments(config, pretrained), input_size=model_input_size(config))
 
     @classmethod
+    def exportable_model(cls, model):
+        return ExportableFastFlow(model)
+
+    @classmethod
     def from_config(cls, config, model=None, **options):
         training = config["training"]
         return cls(model if model is not None else cls.build_model(config), FastFlowLoss(),
@@ -44,7 +49,6 @@ class FastFlowTrainer(BaseTrainer):
 
     def validation_step(self, batch, batch_idx):
         images = batch["image"].to(self.device, non_blocking=True)
-        hidden_variables, log_jacobians = self.model.encode(images)
         # already a mean over the images: val_loss weights it by the batch size
-        loss = self.loss_fn(hidden_variables, log_jacobians)
+        loss = self.model.validation_loss(images, self.loss_fn)
         return {"loss": loss.detach(), "batch_size": images.shape[0]}

@@ -8,13 +8,18 @@ from torch import nn
 from anomaly_detection.config import FROM_YAML, fill_from_yaml
 from anomaly_detection.models.backbones import FeatureExtractor, layers_or_default
 from anomaly_detection.models.checkpointing import run_checkpointed
-from anomaly_detection.models.components import gaussian_blur
+from anomaly_detection.models.components import gaussian_blur, map_in_chunks, mean_in_chunks
 
 # model.layers: null takes these: three stages of increasing stride (4, 8, 16), as the paper's layer1-3
 RESNET_LAYERS = ["layer1", "layer2", "layer3"]
 DEFAULT_LAYERS = dict.fromkeys(("resnet18", "resnet50", "wide_resnet50_2"), RESNET_LAYERS)
 DEFAULT_LAYERS.update(mobilenet_v2=["features.3", "features.6", "features.13"],
                       tf_efficientnet_lite0=["blocks.1", "blocks.2", "blocks.4"])
+
+# images scored at once in eval mode: the encoder's stem map alone is 64 x 128 x 128 floats per image at 256 px,
+# so a test batch of 32 rose 330 MB above the model (resnet18) against 130 MB in chunks of 8, and ran 0.83x as
+# fast (benchmarks/RESULTS.md, "Reverse Distillation and FastFlow: like-for-like training time")
+INFERENCE_CHUNK = 8
 
 # residual block, width per group, blocks per decoder stage (deepest first) and blocks of the bottleneck's
 # residual stage: the official code's de_resnet / BN_layer for each ResNet; the light backbones get resnet18's
@@ -203,12 +208,21 @@ class ReverseDistillationModel(nn.Module):
         return encoder_features, self.decoder(embedding, sizes, self.activation_checkpointing)
 
     def forward(self, images):
-        encoder_features, decoder_features = self.extract(images)
         if self.training:
-            return encoder_features, decoder_features
-        anomaly_map = gaussian_blur(compute_anomaly_map(encoder_features, decoder_features, images.shape[-2:]),
-                                    self.blur_sigma)
+            return self.extract(images)
+        # the export traces score() on the whole batch instead (export.py): a traced split would freeze its count
+        anomaly_map = map_in_chunks(self.score, images, INFERENCE_CHUNK)
         return {"anomaly_map": anomaly_map, "pred_score": anomaly_map.flatten(1).amax(dim=1)}
+
+    def score(self, images):
+        encoder_features, decoder_features = self.extract(images)
+        return gaussian_blur(compute_anomaly_map(encoder_features, decoder_features, images.shape[-2:]),
+                             self.blur_sigma)
+
+    def validation_loss(self, images, loss_fn):
+        # the mean over the images of loss_fn, in the chunks forward() scores in (eval mode: each image's loss is
+        # its own)
+        return mean_in_chunks(lambda chunk: loss_fn(*self.extract(chunk)), images, INFERENCE_CHUNK)
 
 
 def compute_anomaly_map(encoder_features, decoder_features, image_size):

@@ -2,6 +2,7 @@
 import torch
 
 from anomaly_detection.config import FROM_YAML, fill_from_yaml
+from anomaly_detection.models.reverse_distillation.export import ExportableReverseDistillation
 from anomaly_detection.models.reverse_distillation.reverse_distillation import (ReverseDistillationLoss,
                                                                                 ReverseDistillationModel)
 from anomaly_detection.trainer import BaseTrainer, model_arguments, trainer_arguments
@@ -23,6 +24,10 @@ class ReverseDistillationTrainer(BaseTrainer):
                                         activation_checkpointing=config["training"]["activation_checkpointing"])
 
     @classmethod
+    def exportable_model(cls, model):
+        return ExportableReverseDistillation(model)
+
+    @classmethod
     def from_config(cls, config, model=None, **options):
         training = config["training"]
         return cls(model if model is not None else cls.build_model(config), ReverseDistillationLoss(),
@@ -42,7 +47,6 @@ class ReverseDistillationTrainer(BaseTrainer):
 
     def validation_step(self, batch, batch_idx):
         images = batch["image"].to(self.device, non_blocking=True)
-        encoder_features, decoder_features = self.model.extract(images)
         # already a mean over the images: val_loss weights it by the batch size
-        loss = self.loss_fn(encoder_features, decoder_features)
+        loss = self.model.validation_loss(images, self.loss_fn)
         return {"loss": loss.detach(), "batch_size": images.shape[0]}

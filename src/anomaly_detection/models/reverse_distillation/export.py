@@ -1,0 +1,14 @@
+# src/anomaly_detection/models/reverse_distillation/export.py
+# Reverse Distillation's scoring for export: the whole batch in one pass. The model scores a few images at a time
+# (INFERENCE_CHUNK) to bound memory; a traced graph would freeze that split at the example batch size.
+from torch import nn
+
+
+class ExportableReverseDistillation(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        anomaly_map = self.model.score(images)
+        return {"anomaly_map": anomaly_map, "pred_score": anomaly_map.flatten(1).amax(dim=1)}
