@@ -1,8 +1,10 @@
 # benchmarks/training_step.py
 # The cost of one optimizer step (forward, backward, Adam) of the step-heavy models, to size their runs on
 # this machine: EfficientAD at batch 1 (the paper's), Reverse Distillation and FastFlow at batch 32, 256 px,
-# float32, random inputs. The first step is warm-up and not counted.
+# float32 unless the model's yaml says else, random inputs. The first step is warm-up and not counted.
 #   python benchmarks/training_step.py [--models efficientad,efficientad_penalty,reverse_distillation,fastflow]
+#   python benchmarks/training_step.py --models reverse_distillation --backbone resnet18 --batch-size 8 \
+#       --overrides training.mixed_precision=true training.activation_checkpointing=false
 import argparse
 import statistics
 import time
@@ -25,9 +27,13 @@ SETTINGS = {
 }
 
 
-def step_times(name, steps, image_size):
-    model_name, batch_size, overrides = SETTINGS[name]
-    config = build_config(model_name, "mvtec", overrides + [f"data.image_size={image_size}",
+def step_times(name, steps, image_size, batch_size=None, backbone=None, extra=()):
+    model_name, default_batch, overrides = SETTINGS[name]
+    batch_size = batch_size or default_batch
+    if backbone:
+        overrides = [o for o in overrides if not o.startswith("model.backbone=")] + [f"model.backbone={backbone}",
+                                                                                     "model.pretrained=false"]
+    config = build_config(model_name, "mvtec", overrides + list(extra) + [f"data.image_size={image_size}",
                                                             f"training.batch_size={batch_size}",
                                                             "training.progress_bar=false", "device=cpu"])
     config = resolve_normalization_config(config)
@@ -48,14 +54,19 @@ def main():
     parser.add_argument("--models", default=",".join(SETTINGS))
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the model's row in SETTINGS")
+    parser.add_argument("--backbone", default=None, help="Reverse Distillation and FastFlow (random weights)")
+    parser.add_argument("--overrides", nargs="*", default=[], metavar="key=value", help="config overrides for all")
     parser.add_argument("--out", default=str(results_path(__file__)))
     args = parser.parse_args()
     configure_cpu_allocator("keep")
     torch.manual_seed(0)
     rows = []
     for name in args.models.split(","):
-        batch_size, times = step_times(name, args.steps, args.image_size)
+        batch_size, times = step_times(name, args.steps, args.image_size, args.batch_size, args.backbone,
+                                       args.overrides)
         row = {"run": name, "batch": batch_size, "image_size": args.image_size, "threads": torch.get_num_threads(),
+               "backbone": args.backbone, "overrides": list(args.overrides),
                "step_s": [round(t, 3) for t in times], "median_s": round(statistics.median(times), 3),
                "fastest_s": round(min(times), 3)}
         rows.append(row)

@@ -86,6 +86,20 @@ def test_log_determinant_matches_a_brute_force_jacobian():
         assert abs(float(log_abs_det)) > 0.5
 
 
+def test_channel_permutation_gradient_is_the_inverse_gather():
+    # the permutation's hand-written backward (a gather with the inverse permutation instead of autograd's
+    # scatter): numerical gradients agree, and so does autograd's own backward of plain indexing
+    from anomaly_detection.models.fastflow.fastflow import PermuteChannels
+    permutation = torch.randperm(6, generator=torch.Generator().manual_seed(7))
+    inverse = torch.argsort(permutation)
+    x = torch.randn(2, 6, 3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(8), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: PermuteChannels.apply(v, permutation, inverse), (x,))
+    weights = torch.randn(2, 6, 3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    (ours,) = torch.autograd.grad((PermuteChannels.apply(x, permutation, inverse) * weights).sum(), x)
+    (plain,) = torch.autograd.grad((x[:, permutation] * weights).sum(), x)
+    assert torch.equal(ours, plain)
+
+
 def test_scales_are_soft_clamped():
     step = AffineCoupling(4, 3, 1.0, 2.0, seed=0)
     with torch.no_grad():

@@ -29,6 +29,28 @@ def subnet(in_channels, out_channels, kernel_size, hidden_ratio):
                          nn.Conv2d(hidden, out_channels, kernel_size, padding=kernel_size // 2))
 
 
+class PermuteChannels(torch.autograd.Function):
+    # x[:, permutation] whose backward gathers with the inverse permutation: autograd's backward of the indexing
+    # scatters with accumulation (index_put_), which took 16 % of a FastFlow training step on the CPU (resnet18,
+    # batch 32, 256 px); a permutation's gradient is the inverse permutation of the incoming gradient
+    @staticmethod
+    def forward(ctx, x, permutation, inverse_permutation):
+        ctx.save_for_backward(inverse_permutation)
+        return x.index_select(1, permutation)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse_permutation,) = ctx.saved_tensors
+        return grad.index_select(1, inverse_permutation), None, None
+
+
+def permute_channels(x, permutation, inverse_permutation):
+    # the plain gather where no gradient flows (inference, export: a traced graph keeps index_select)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return PermuteChannels.apply(x, permutation, inverse_permutation)
+    return x.index_select(1, permutation)
+
+
 class AffineCoupling(nn.Module):
     # One flow step: the first half of the channels conditions an affine map of the second half, then a fixed
     # channel permutation (seeded, a buffer, so the state_dict holds it) mixes the halves for the next step.
@@ -51,10 +73,10 @@ class AffineCoupling(nn.Module):
         conditioner, transformed = x[:, :self.split], x[:, self.split:]
         scale, shift = self.scale_and_shift(conditioner)
         out = torch.cat([conditioner, transformed * torch.exp(scale) + shift], dim=1)
-        return out[:, self.permutation], scale.sum(dim=(1, 2, 3))
+        return permute_channels(out, self.permutation, self.inverse_permutation), scale.sum(dim=(1, 2, 3))
 
     def inverse(self, z):
-        z = z[:, self.inverse_permutation]
+        z = permute_channels(z, self.inverse_permutation, self.permutation)
         conditioner, transformed = z[:, :self.split], z[:, self.split:]
         scale, shift = self.scale_and_shift(conditioner)
         return torch.cat([conditioner, (transformed - shift) * torch.exp(-scale)], dim=1)

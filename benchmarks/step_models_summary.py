@@ -1,0 +1,120 @@
+# benchmarks/step_models_summary.py
+# Many seeds of step_models_compare.py in one table: for each seed the latest run of ours with exactly the given
+# --ours-overrides and the latest Anomalib run of the same model, data, batch size and epochs; the means, the
+# paired differences ours - Anomalib with their standard errors, and the range of the time and peak RSS ratios.
+#   python benchmarks/step_models_summary.py --model reverse_distillation --batch-size 8 --seeds 0-39 \
+#       --ours-overrides training.mixed_precision=true
+import argparse
+import json
+import shlex
+import statistics
+import sys
+
+from record import results_path
+from step_models_compare import recorded_batch_size
+
+METRICS = ("image_auroc", "pixel_auroc", "aupro")
+
+
+def parse_seeds(text):
+    seeds = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        seeds += list(range(int(first), int(last or first) + 1))
+    return seeds
+
+
+def option_values(command, option):
+    words = shlex.split(command)
+    if option not in words:
+        return []
+    values = []
+    for word in words[words.index(option) + 1:]:
+        if word.startswith("--"):
+            break
+        values.append(word)
+    return values
+
+
+def run_seed(command):
+    values = option_values(command, "--seed")
+    return int(values[0]) if values else 0
+
+
+def latest_runs(records, args):
+    ours, peer = {}, {}
+    for record in records:
+        result = record.get("result", {})
+        if record.get("model") != args.model or record.get("status") == "superseded" or \
+                recorded_batch_size(record) != args.batch_size or result.get("epochs_run") != args.epochs:
+            continue
+        seed = run_seed(record["command"])
+        if record.get("side") == "anomalib":
+            peer[seed] = record
+        elif record.get("side") == "ours" and option_values(record["command"], "--ours-overrides") == \
+                list(args.ours_overrides):
+            ours[seed] = record
+    return ours, peer
+
+
+def metric(record, key):
+    result = record["result"]
+    return result.get("pixel_aupro", result.get("aupro")) if key == "aupro" else result.get(key)
+
+
+def loop_s(record):
+    result = record["result"]
+    if record["side"] == "anomalib":
+        return sum(result.get("epoch_train_s") or []) or None
+    return (result.get("train_s_per_epoch") or 0) * (result.get("epochs_run") or 0) or None
+
+
+def summarize(ours, peer, seeds):
+    missing = [seed for seed in seeds if seed not in ours or seed not in peer]
+    if missing:
+        raise SystemExit(f"no pair of runs for seeds {missing}: run step_models_compare.py for them first")
+    summary = {"seeds": len(seeds)}
+    for key in METRICS:
+        mine, theirs = [metric(ours[s], key) for s in seeds], [metric(peer[s], key) for s in seeds]
+        differences = [a - b for a, b in zip(mine, theirs)]
+        error = statistics.stdev(differences) / len(seeds) ** 0.5 if len(seeds) > 1 else float("nan")
+        summary[key] = {"ours": statistics.mean(mine), "anomalib": statistics.mean(theirs),
+                        "difference": statistics.mean(differences), "standard_error": error}
+    loops = [loop_s(ours[s]) / loop_s(peer[s]) for s in seeds]
+    rss = [ours[s]["result"]["peak_rss_mb"] / peer[s]["result"]["peak_rss_mb"] for s in seeds]
+    summary["loop_ratio"] = {"mean": statistics.mean(loops), "min": min(loops), "max": max(loops)}
+    summary["peak_rss_ratio"] = {"mean": statistics.mean(rss), "min": min(rss), "max": max(rss)}
+    summary["best_epochs"] = [ours[s]["result"].get("best_epoch") for s in seeds]
+    summary["dates"] = [min(ours[s]["date"] for s in seeds), max(ours[s]["date"] for s in seeds)]
+    return summary
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="step_models_compare.py runs over many seeds, in one table")
+    parser.add_argument("--model", default="reverse_distillation")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--seeds", default="0-39", help="e.g. 0-19 or 0,3,5-9")
+    parser.add_argument("--ours-overrides", nargs="*", default=[], metavar="key=value",
+                        help="exactly the --ours-overrides of the runs to take (none: the runs as shipped)")
+    parser.add_argument("--results", default=str(results_path("step_models_compare.py")))
+    args = parser.parse_args(argv)
+    with open(args.results) as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    summary = summarize(*latest_runs(records, args), parse_seeds(args.seeds))
+    print("| metric | ours | Anomalib | ours - Anomalib (standard error) |")
+    print("|---|---|---|---|")
+    for key in METRICS:
+        row = summary[key]
+        print(f"| {key} | {row['ours']:.3f} | {row['anomalib']:.3f} | {row['difference']:+.3f} "
+              f"({row['standard_error']:.3f}) |")
+    for key in ("loop_ratio", "peak_rss_ratio"):
+        row = summary[key]
+        print(f"{key}: mean {row['mean']:.2f}, {row['min']:.2f}-{row['max']:.2f}")
+    print(f"kept epochs: {summary['best_epochs']}; runs of ours {summary['dates'][0]} to {summary['dates'][1]}")
+    print(json.dumps(summary), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
