@@ -211,6 +211,7 @@ def test_python_defaults_come_from_the_yaml():
     config = load_experiment_config("reverse_distillation", "mvtec", ["model.backbone=resnet18",
                                                                       "model.pretrained=false"])
     assert config["training"]["activation_checkpointing"] is True and config["cpu_allocator"] == "release"
+    assert config["training"]["mixed_precision"] is True
     assert ReverseDistillationTrainer.build_model(config).activation_checkpointing
 
 
