@@ -245,7 +245,8 @@ def print_table(rows):
         ours, peer = row["ours"], row["anomalib"]
         print(" | ".join([
             row["model"], f"{number(ours['train_s'], 1)}/{number(peer['train_s'], 1)}", number(row["train_ratio"], 2),
-            number(row["loop_ratio"], 2), f"{number(ours['peak_rss_mb'], 0)}/{number(peer['peak_rss_mb'], 0)}", number(row["peak_rss_ratio"], 2),
+            number(row["loop_ratio"], 2), f"{number(ours['peak_rss_mb'], 0)}/{number(peer['peak_rss_mb'], 0)}",
+            number(row["peak_rss_ratio"], 2),
             f"{number(ours['image_auroc'])}/{number(peer['image_auroc'])}",
             f"{number(ours['pixel_auroc'])}/{number(peer['pixel_auroc'])}",
             f"{number(ours['aupro'])}/{number(peer['aupro'])}"]))

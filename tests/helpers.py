@@ -4,6 +4,7 @@ import json
 from contextlib import redirect_stderr, redirect_stdout
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from anomaly_detection.cli import main
@@ -54,3 +55,23 @@ def assert_rebuilt_model_scores_the_same(trainer_class, config, model, images):
         expected, actual = model.eval()(images), rebuilt.eval()(images)
     assert torch.equal(expected["pred_score"], actual["pred_score"])
     assert torch.equal(expected["anomaly_map"], actual["anomaly_map"])
+
+
+def assert_chunked_scoring_equals_the_whole_batch(monkeypatch, model_module, model, trainer_class, loss_fn,
+                                                  whole_loss, images):
+    # eval mode scores INFERENCE_CHUNK images at a time (memory) and the validation loss follows the same chunks;
+    # a chunk of 2 over 5 images (sizes 2, 2, 1) must give the whole batch's maps, scores and mean loss, and the
+    # export form (the whole batch in one pass) the same maps
+    assert images.shape[0] == 5
+    model.eval()
+    with torch.no_grad():
+        whole_map = model.score(images)
+        monkeypatch.setattr(model_module, "INFERENCE_CHUNK", 2)
+        chunked = model(images)
+        chunked_loss = model.validation_loss(images, loss_fn)
+        exported_map = trainer_class.exportable_model(model)(images)["anomaly_map"]
+    assert chunked["anomaly_map"].shape == (5, 1) + tuple(images.shape[-2:])
+    assert torch.allclose(chunked["anomaly_map"], whole_map, atol=1e-6)
+    assert torch.allclose(chunked["pred_score"], whole_map.flatten(1).amax(1), atol=1e-6)
+    assert float(chunked_loss) == pytest.approx(float(whole_loss), rel=1e-5)
+    assert torch.allclose(exported_map, whole_map, atol=1e-6)

@@ -15,7 +15,8 @@ from anomaly_detection.models.fastflow import (AffineCoupling, FastFlowLoss, Fas
 from anomaly_detection.models.fastflow.fastflow import DEFAULT_LAYERS
 from anomaly_detection.utils import PROJECT_ROOT
 from helpers import (
-    assert_model_file_reproduces, assert_rebuilt_model_scores_the_same, fixed_batch_losses, run_cli,
+    assert_chunked_scoring_equals_the_whole_batch, assert_model_file_reproduces, assert_rebuilt_model_scores_the_same,
+    fixed_batch_losses, run_cli,
 )
 
 
@@ -155,25 +156,13 @@ def test_state_dict_round_trip_through_build_model():
 
 
 def test_scoring_in_chunks_equals_the_whole_batch(monkeypatch):
-    # eval mode scores INFERENCE_CHUNK images at a time (memory) and the validation loss follows the same chunks;
-    # a chunk of 2 over 5 images (sizes 2, 2, 1) must give the whole batch's maps, scores and mean loss
     from anomaly_detection.models.fastflow import fastflow
     model = random_model(seed=15).eval()
     images = fixed_batch((32, 32), count=5, seed=16)
     with torch.no_grad():
-        whole_map = model.score(images)
         whole_loss = FastFlowLoss()(*model.encode(images))
-        monkeypatch.setattr(fastflow, "INFERENCE_CHUNK", 2)
-        chunked = model(images)
-        chunked_loss = model.validation_loss(images, FastFlowLoss())
-    assert chunked["anomaly_map"].shape == (5, 1, 32, 32)
-    assert torch.allclose(chunked["anomaly_map"], whole_map, atol=1e-6)
-    assert torch.allclose(chunked["pred_score"], whole_map.flatten(1).amax(1), atol=1e-6)
-    assert float(chunked_loss) == pytest.approx(float(whole_loss), rel=1e-5)
-    # the export scores the whole batch in one pass, with the same result
-    exportable = FastFlowTrainer.exportable_model(model)
-    with torch.no_grad():
-        assert torch.allclose(exportable(images)["anomaly_map"], whole_map, atol=1e-6)
+    assert_chunked_scoring_equals_the_whole_batch(monkeypatch, fastflow, model, FastFlowTrainer, FastFlowLoss(),
+                                                  whole_loss, images)
 
 
 def test_python_defaults_come_from_the_yaml():

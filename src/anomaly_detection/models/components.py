@@ -1,6 +1,7 @@
 # src/anomaly_detection/models/components.py
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def upsample_map(maps, size):
@@ -11,9 +12,21 @@ def upsample_map(maps, size):
 
 
 def map_in_chunks(function, images, chunk_size):
-    # a model's eval-mode scoring a few images at a time: its backbone's first maps are large, and per image a
-    # small chunk runs as fast on the CPU as a whole test batch
+    # a model's eval-mode scoring a few images at a time: its backbone's first maps are large, and the peak
+    # memory of a test batch follows the chunk, not the batch
     return torch.cat([function(chunk) for chunk in images.split(chunk_size)])
+
+
+class WholeBatchScore(nn.Module):
+    # what `anomaly-detection export` traces for a model that scores in chunks (map_in_chunks): its score() on the
+    # whole batch in one pass, since a traced graph would freeze the number of chunks at the example batch size
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        anomaly_map = self.model.score(images)
+        return {"anomaly_map": anomaly_map, "pred_score": anomaly_map.flatten(1).amax(dim=1)}
 
 
 def mean_in_chunks(function, images, chunk_size):

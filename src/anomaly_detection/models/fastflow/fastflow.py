@@ -15,8 +15,8 @@ DEFAULT_LAYERS = dict.fromkeys(("resnet18", "resnet50", "wide_resnet50_2"), RESN
 DEFAULT_LAYERS.update(mobilenet_v2=["features.3", "features.6", "features.13"],
                       tf_efficientnet_lite0=["blocks.1", "blocks.2", "blocks.4"])
 
-# images scored at once in eval mode: a test batch of 32 rose 300 MB above the model (resnet18, 256 px) against
-# 120 MB for 8 (benchmarks/RESULTS.md, "Reverse Distillation and FastFlow: like-for-like training time")
+# images scored at once in eval mode: a test batch of 32 rose 320 MB above the model (resnet18, 256 px) against
+# 170 MB in chunks of 8 (benchmarks/RESULTS.md, "Reverse Distillation and FastFlow: like-for-like training time")
 INFERENCE_CHUNK = 8
 
 
@@ -155,7 +155,7 @@ class FastFlowModel(nn.Module):
     def forward(self, images):
         if self.training:
             return self.encode(images)
-        # the export traces score() on the whole batch instead (export.py): a traced split would freeze its count
+        # the export traces score() on the whole batch instead (components.WholeBatchScore)
         anomaly_map = map_in_chunks(self.score, images, INFERENCE_CHUNK)
         return {"anomaly_map": anomaly_map, "pred_score": anomaly_map.flatten(1).amax(dim=1)}
 

@@ -2,7 +2,7 @@
 import torch
 
 from anomaly_detection.config import FROM_YAML, fill_from_yaml
-from anomaly_detection.models.fastflow.export import ExportableFastFlow
+from anomaly_detection.models.components import WholeBatchScore
 from anomaly_detection.models.fastflow.fastflow import FastFlowLoss, FastFlowModel
 from anomaly_detection.trainer import BaseTrainer, model_arguments, trainer_arguments
 
@@ -27,7 +27,7 @@ class FastFlowTrainer(BaseTrainer):
 
     @classmethod
     def exportable_model(cls, model):
-        return ExportableFastFlow(model)
+        return WholeBatchScore(model)
 
     @classmethod
     def from_config(cls, config, model=None, **options):

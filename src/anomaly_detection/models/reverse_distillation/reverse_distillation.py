@@ -17,8 +17,8 @@ DEFAULT_LAYERS.update(mobilenet_v2=["features.3", "features.6", "features.13"],
                       tf_efficientnet_lite0=["blocks.1", "blocks.2", "blocks.4"])
 
 # images scored at once in eval mode: the encoder's stem map alone is 64 x 128 x 128 floats per image at 256 px,
-# so a test batch of 32 rose 330 MB above the model (resnet18) against 130 MB in chunks of 8, and ran 0.83x as
-# fast (benchmarks/RESULTS.md, "Reverse Distillation and FastFlow: like-for-like training time")
+# so a test batch of 32 rose 340 MB above the model (resnet18) against 120 MB in chunks of 8; the test pass took
+# as long (benchmarks/RESULTS.md, "Reverse Distillation and FastFlow: like-for-like training time")
 INFERENCE_CHUNK = 8
 
 # residual block, width per group, blocks per decoder stage (deepest first) and blocks of the bottleneck's
@@ -210,7 +210,7 @@ class ReverseDistillationModel(nn.Module):
     def forward(self, images):
         if self.training:
             return self.extract(images)
-        # the export traces score() on the whole batch instead (export.py): a traced split would freeze its count
+        # the export traces score() on the whole batch instead (components.WholeBatchScore)
         anomaly_map = map_in_chunks(self.score, images, INFERENCE_CHUNK)
         return {"anomaly_map": anomaly_map, "pred_score": anomaly_map.flatten(1).amax(dim=1)}
 

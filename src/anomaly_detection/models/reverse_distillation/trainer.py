@@ -2,7 +2,7 @@
 import torch
 
 from anomaly_detection.config import FROM_YAML, fill_from_yaml
-from anomaly_detection.models.reverse_distillation.export import ExportableReverseDistillation
+from anomaly_detection.models.components import WholeBatchScore
 from anomaly_detection.models.reverse_distillation.reverse_distillation import (ReverseDistillationLoss,
                                                                                 ReverseDistillationModel)
 from anomaly_detection.trainer import BaseTrainer, model_arguments, trainer_arguments
@@ -25,7 +25,7 @@ class ReverseDistillationTrainer(BaseTrainer):
 
     @classmethod
     def exportable_model(cls, model):
-        return ExportableReverseDistillation(model)
+        return WholeBatchScore(model)
 
     @classmethod
     def from_config(cls, config, model=None, **options):
