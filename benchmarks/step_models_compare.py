@@ -149,7 +149,7 @@ def run_ours(model, setup, args, work):
     result, info = run_process(command)
     summary = last_json_line(result.stdout)
     epochs = summary.get("epochs_run") or 0
-    loop_s = (summary.get("train_s_per_epoch") or 0) * epochs
+    loop_s = ours_loop_s(summary)
     train_s = loop_s + teacher_statistics_s(result.stderr)
     return dict(summary, side="ours", train_s=round(train_s, 2), loop_s=round(loop_s, 2), epochs=epochs,
                 steps=args.max_steps if model == "efficientad" else None, train_images=summary.get("num_train_images"),
@@ -183,6 +183,11 @@ def run_peer(model, setup, args, work):
     record = last_json_line(result.stdout)
     return dict(record, side="anomalib", aupro=record.get("pixel_aupro"), epochs=record.get("epochs_run"),
                 loop_s=peer_loop_s(record), steps=args.max_steps if model == "efficientad" else None, **info)
+
+
+def ours_loop_s(summary):
+    # the training batch loops alone: the epochs' train_s, as the run's summary gives them
+    return (summary.get("train_s_per_epoch") or 0) * (summary.get("epochs_run") or 0)
 
 
 def peer_loop_s(record):

@@ -11,7 +11,7 @@ import statistics
 import sys
 
 from record import results_path
-from step_models_compare import recorded_batch_size
+from step_models_compare import ours_loop_s, peer_loop_s, recorded_batch_size
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
@@ -63,10 +63,9 @@ def metric(record, key):
 
 
 def loop_s(record):
+    # computed from the run's summary, as step_models_compare.py does: records before 2026-12-01 19:00 lack loop_s
     result = record["result"]
-    if record["side"] == "anomalib":
-        return sum(result.get("epoch_train_s") or []) or None
-    return (result.get("train_s_per_epoch") or 0) * (result.get("epochs_run") or 0) or None
+    return (peer_loop_s(result) if record["side"] == "anomalib" else ours_loop_s(result)) or None
 
 
 def summarize(ours, peer, seeds):
