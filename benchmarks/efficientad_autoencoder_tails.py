@@ -104,6 +104,8 @@ def main():
     else:
         if not (args.checkpoint and args.train_dir and args.max_train is not None and args.seed is not None):
             parser.error("--checkpoint, --train-dir, --max-train and --seed are needed (or --compare)")
+        if "," in args.label:
+            parser.error(f"--label {args.label!r}: no commas, since --compare separates two labels with one")
         figures = analyse(args)
     print(json.dumps({key: value for key, value in figures.items() if key != "per_image"}))
     append_record(__file__, typed_command(), figures, out=args.out, label=args.label)
