@@ -202,9 +202,12 @@ def batch_size(args, model):
 
 
 def recorded_batch_size(record):
-    # records before 2026-12-01 19:30 name the batch size only in their command line (the script's default: 32)
+    # records before 2026-12-01 19:30 name the batch size only in their command line (the script's default: 32),
+    # which EfficientAD's runs never read: they train at batch 1
     if record.get("batch_size") is not None:
         return record["batch_size"]
+    if record.get("model") == "efficientad":
+        return 1
     words = shlex.split(record.get("command", ""))
     return int(words[words.index("--batch-size") + 1]) if "--batch-size" in words else 32
 

@@ -1,9 +1,12 @@
 # benchmarks/step_models_summary.py
 # Many seeds of step_models_compare.py in one table: for each seed the latest run of ours with exactly the given
-# --ours-overrides and the latest Anomalib run of the same model, data, batch size and epochs; the means, the
-# paired differences ours - Anomalib with their standard errors, and the range of the time and peak RSS ratios.
+# --ours-overrides and the latest Anomalib run of the same model, data, batch size and epochs (and steps, with
+# --max-steps); the means, the paired differences ours - Anomalib with their standard errors, and the range of the
+# time and peak RSS ratios.
 #   python benchmarks/step_models_summary.py --model reverse_distillation --batch-size 8 --seeds 0-39 \
 #       --ours-overrides training.mixed_precision=true
+#   python benchmarks/step_models_summary.py --model efficientad --data magnetic_tile --batch-size 1 --epochs 1 \
+#       --max-steps 571 --seeds 0-2
 import argparse
 import json
 import shlex
@@ -46,7 +49,10 @@ def latest_runs(records, args):
     for record in records:
         result = record.get("result", {})
         if record.get("model") != args.model or record.get("status") == "superseded" or \
-                recorded_batch_size(record) != args.batch_size or result.get("epochs_run") != args.epochs:
+                record.get("data") != args.data or recorded_batch_size(record) != args.batch_size or \
+                result.get("epochs_run") != args.epochs:
+            continue
+        if args.max_steps is not None and record.get("figures", {}).get("steps") != args.max_steps:
             continue
         seed = run_seed(record["command"])
         if record.get("side") == "anomalib":
@@ -93,6 +99,8 @@ def main(argv=None):
     parser.add_argument("--model", default="reverse_distillation")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--data", choices=("synthetic", "magnetic_tile"), default="synthetic")
+    parser.add_argument("--max-steps", type=int, default=None, help="EfficientAD: only runs of this many steps")
     parser.add_argument("--seeds", default="0-39", help="e.g. 0-19 or 0,3,5-9")
     parser.add_argument("--ours-overrides", nargs="*", default=[], metavar="key=value",
                         help="exactly the --ours-overrides of the runs to take (none: the runs as shipped)")
