@@ -11,6 +11,11 @@ def upsample_map(maps, size):
     return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def map_output(anomaly_map):
+    # a model's eval output where each image's score is the maximum of its anomaly map
+    return {"anomaly_map": anomaly_map, "pred_score": anomaly_map.flatten(1).amax(dim=1)}
+
+
 def map_in_chunks(function, images, chunk_size):
     # a model's eval-mode scoring a few images at a time: its backbone's first maps are large, and the peak
     # memory of a test batch follows the chunk, not the batch
@@ -25,8 +30,7 @@ class WholeBatchScore(nn.Module):
         self.model = model
 
     def forward(self, images):
-        anomaly_map = self.model.score(images)
-        return {"anomaly_map": anomaly_map, "pred_score": anomaly_map.flatten(1).amax(dim=1)}
+        return map_output(self.model.score(images))
 
 
 def mean_in_chunks(function, images, chunk_size):

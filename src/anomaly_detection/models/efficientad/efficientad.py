@@ -10,7 +10,7 @@ from torch import nn
 from anomaly_detection import distributed
 from anomaly_detection.config import FROM_YAML, fill_from_yaml
 from anomaly_detection.data.transforms import IMAGENET_MEAN, IMAGENET_STD, size_pair
-from anomaly_detection.models.components import quantile_normalization, quantiles, upsample_map
+from anomaly_detection.models.components import map_output, quantile_normalization, quantiles, upsample_map
 
 MODEL_SIZES = ("small", "medium")
 # torch.quantile's limit: larger tensors are sampled (components.quantiles)
@@ -254,12 +254,17 @@ class EfficientADModel(nn.Module):
             combined = F.pad(combined, (MAP_PADDING,) * 4)
         return upsample_map(combined, image_hw)
 
+    def score(self, images):
+        # the whole batch in one pass: what the export traces (components.WholeBatchScore), since a traced split
+        # would freeze the number of chunks; the quantiles are buffers, so the normalisation needs nothing special
+        check_input_size(images.shape[-2:], self.model_size, self.padding)
+        return self.combine_maps(*self.chunk_maps(images, with_loss=False), images.shape[-2:])
+
     def forward(self, images):
         if self.training:
             return self.training_losses(images)
         check_input_size(images.shape[-2:], self.model_size, self.padding)
-        anomaly_map = self.combine_maps(*self.raw_maps(images), images.shape[-2:])
-        return {"anomaly_map": anomaly_map, "pred_score": anomaly_map.flatten(1).amax(1)}
+        return map_output(self.combine_maps(*self.raw_maps(images), images.shape[-2:]))
 
 
 def check_arguments(args):

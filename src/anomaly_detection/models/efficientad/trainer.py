@@ -13,8 +13,8 @@ from anomaly_detection import distributed
 from anomaly_detection.config import FROM_YAML, fill_from_yaml
 from anomaly_detection.data.datasets import IMAGE_EXTENSIONS
 from anomaly_detection.data.transforms import resolve_normalization, size_pair
+from anomaly_detection.models.components import WholeBatchScore
 from anomaly_detection.models.efficientad.efficientad import EfficientADModel
-from anomaly_detection.models.efficientad.export import ExportableEfficientAD
 from anomaly_detection.trainer import BaseTrainer, model_arguments, trainer_arguments
 from anomaly_detection.utils import logger
 
@@ -65,7 +65,7 @@ class EfficientADTrainer(BaseTrainer):
 
     @classmethod
     def exportable_model(cls, model):
-        return ExportableEfficientAD(model)
+        return WholeBatchScore(model)
 
     @classmethod
     def from_config(cls, config, model=None, **options):

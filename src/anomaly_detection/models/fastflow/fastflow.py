@@ -7,7 +7,7 @@ from torch import nn
 
 from anomaly_detection.config import FROM_YAML, fill_from_yaml
 from anomaly_detection.models.backbones import FeatureExtractor, layers_or_default
-from anomaly_detection.models.components import map_in_chunks, mean_in_chunks, upsample_map
+from anomaly_detection.models.components import map_in_chunks, map_output, mean_in_chunks, upsample_map
 
 # model.layers: null takes these: three scales (strides 4, 8, 16), as the reference's timm out_indices 1-3
 RESNET_LAYERS = ["layer1", "layer2", "layer3"]
@@ -156,8 +156,7 @@ class FastFlowModel(nn.Module):
         if self.training:
             return self.encode(images)
         # the export traces score() on the whole batch instead (components.WholeBatchScore)
-        anomaly_map = map_in_chunks(self.score, images, INFERENCE_CHUNK)
-        return {"anomaly_map": anomaly_map, "pred_score": anomaly_map.flatten(1).amax(dim=1)}
+        return map_output(map_in_chunks(self.score, images, INFERENCE_CHUNK))
 
     def score(self, images):
         return compute_anomaly_map(self.encode(images)[0], images.shape[-2:])

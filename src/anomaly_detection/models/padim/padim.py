@@ -9,7 +9,7 @@ from torch import nn
 from anomaly_detection import distributed
 from anomaly_detection.config import FROM_YAML, fill_from_yaml
 from anomaly_detection.models.backbones import FeatureExtractor, layers_or_default
-from anomaly_detection.models.components import FittedBuffersMixin, gaussian_blur, upsample_map
+from anomaly_detection.models.components import FittedBuffersMixin, gaussian_blur, map_output, upsample_map
 
 # model.layers: null takes these (the paper's: the first three stages)
 RESNET_LAYERS = ["layer1", "layer2", "layer3"]
@@ -142,7 +142,7 @@ class PaDiMModel(FittedBuffersMixin, nn.Module):
         squared = (torch.bmm(delta, self.inv_covariance) * delta).sum(2)
         distance = squared.clamp_min(0).sqrt().t().reshape(batch, 1, height, width)
         anomaly_map = gaussian_blur(upsample_map(distance, images.shape[-2:]), self.blur_sigma)
-        return {"anomaly_map": anomaly_map, "pred_score": anomaly_map.flatten(1).amax(1)}
+        return map_output(anomaly_map)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ from torch import nn
 from anomaly_detection.config import FROM_YAML, fill_from_yaml
 from anomaly_detection.models.backbones import FeatureExtractor, layers_or_default
 from anomaly_detection.models.checkpointing import run_checkpointed
-from anomaly_detection.models.components import gaussian_blur, map_in_chunks, mean_in_chunks
+from anomaly_detection.models.components import gaussian_blur, map_in_chunks, map_output, mean_in_chunks
 
 # model.layers: null takes these: three stages of increasing stride (4, 8, 16), as the paper's layer1-3
 RESNET_LAYERS = ["layer1", "layer2", "layer3"]
@@ -211,8 +211,7 @@ class ReverseDistillationModel(nn.Module):
         if self.training:
             return self.extract(images)
         # the export traces score() on the whole batch instead (components.WholeBatchScore)
-        anomaly_map = map_in_chunks(self.score, images, INFERENCE_CHUNK)
-        return {"anomaly_map": anomaly_map, "pred_score": anomaly_map.flatten(1).amax(dim=1)}
+        return map_output(map_in_chunks(self.score, images, INFERENCE_CHUNK))
 
     def score(self, images):
         encoder_features, decoder_features = self.extract(images)

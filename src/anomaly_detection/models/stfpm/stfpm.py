@@ -6,7 +6,7 @@ from torch import nn
 
 from anomaly_detection.config import FROM_YAML, fill_from_yaml
 from anomaly_detection.models.backbones import FeatureExtractor, layers_or_default
-from anomaly_detection.models.components import upsample_map
+from anomaly_detection.models.components import map_output, upsample_map
 
 # model.layers: null takes these: three stages of increasing depth, as in the paper (resnet18 layer1-3)
 RESNET_LAYERS = ["layer1", "layer2", "layer3"]
@@ -43,7 +43,7 @@ class STFPMModel(nn.Module):
         if self.training:
             return teacher_features, student_features
         anomaly_map = compute_anomaly_map(teacher_features, student_features, images.shape[-2:])
-        return {"anomaly_map": anomaly_map, "pred_score": anomaly_map.flatten(1).amax(dim=1)}
+        return map_output(anomaly_map)
 
 
 def compute_anomaly_map(teacher_features, student_features, image_size):
