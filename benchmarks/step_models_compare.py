@@ -97,6 +97,12 @@ def teacher_for_anomalib(teacher, work):
     return plain, state.get("recipe")
 
 
+def file_digest(path):
+    import hashlib
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()[:16]
+
+
 def prepare(args, work):
     backbone = args.backbone or ("resnet18" if args.data == "synthetic" else "tf_efficientnet_lite0")
     if args.data == "synthetic":
@@ -122,6 +128,9 @@ def prepare(args, work):
         if not args.teacher:
             raise SystemExit("EfficientAD needs --teacher (a distill-teacher file or a teacher state_dict)")
         setup["teacher"] = str(Path(args.teacher).resolve())
+        # the file's content, not its path, names the teacher: /tmp/teacher/teacher_small.pth was distilled anew on
+        # each machine, and runs with different files at the same path must not be paired
+        setup["teacher_sha256"] = file_digest(args.teacher)
         if not args.skip_peer:
             setup["peer_teacher"], setup["teacher_recipe"] = teacher_for_anomalib(args.teacher, work)
         setup["penalty_dir"] = args.penalty_dir or None
@@ -214,7 +223,7 @@ def recorded_batch_size(record):
 
 def recorded_peer(args, model, context):
     from record import read_records
-    same = ("data", "root", "image_size", "backbone", "train_images", "teacher", "penalty_dir")
+    same = ("data", "root", "image_size", "backbone", "train_images", "teacher", "teacher_sha256", "penalty_dir")
     found = None
     for record in read_records(args.out):
         if record.get("side") != "anomalib" or record.get("model") != model or record.get("status") == "superseded":
@@ -271,7 +280,7 @@ def main(argv=None):
     work.mkdir(parents=True, exist_ok=True)
     setup = prepare(args, work)
     context = {key: setup.get(key) for key in ("root", "category", "backbone", "weights", "train_images",
-                                               "teacher", "teacher_recipe", "penalty_dir")}
+                                               "teacher", "teacher_sha256", "teacher_recipe", "penalty_dir")}
     context.update(data=args.data, image_size=args.image_size, root=str(setup["root"]),
                    teacher_label=args.teacher_label)
     print(f"data {setup['root']}/{setup['category']}, backbone {setup['backbone']}, work {work}", file=sys.stderr)

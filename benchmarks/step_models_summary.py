@@ -6,7 +6,8 @@
 #   python benchmarks/step_models_summary.py --model reverse_distillation --batch-size 8 --seeds 0-39 \
 #       --ours-overrides training.mixed_precision=true
 #   python benchmarks/step_models_summary.py --model efficientad --data magnetic_tile --batch-size 1 --epochs 1 \
-#       --max-steps 571 --seeds 0-2
+#       --max-steps 571 --seeds 0-2 --teacher-label 'distilled lite0, 120 steps (2026-12-01, AMD)'
+# Each pair must have used the same EfficientAD teacher (file digest and label), or the script stops.
 import argparse
 import json
 import shlex
@@ -54,6 +55,8 @@ def latest_runs(records, args):
             continue
         if args.max_steps is not None and record.get("figures", {}).get("steps") != args.max_steps:
             continue
+        if args.teacher_label is not None and record.get("teacher_label") != args.teacher_label:
+            continue
         seed = run_seed(record["command"])
         if record.get("side") == "anomalib":
             peer[seed] = record
@@ -61,6 +64,23 @@ def latest_runs(records, args):
                 list(args.ours_overrides):
             ours[seed] = record
     return ours, peer
+
+
+def teacher_of(record):
+    # EfficientAD's teacher as the records name it: the file's digest (records from 2026-12-02 04:00) and the label
+    return record.get("teacher_sha256"), record.get("teacher_label")
+
+
+def check_same_teacher(ours, peer, seeds):
+    # one path, /tmp/teacher/teacher_small.pth, held a different distilled teacher on each machine: a pair of runs
+    # with different teachers would compare the teachers, not the frameworks
+    for seed in seeds:
+        mine, theirs = teacher_of(ours[seed]), teacher_of(peer[seed])
+        digests_differ = mine[0] and theirs[0] and mine[0] != theirs[0]
+        if digests_differ or mine[1] != theirs[1] or bool(mine[0]) != bool(theirs[0]):
+            raise SystemExit(f"seed {seed}: the latest runs of ours and Anomalib used different teachers (ours: "
+                             f"sha256 {mine[0]}, label {mine[1]!r}; Anomalib: sha256 {theirs[0]}, label "
+                             f"{theirs[1]!r}); choose the runs with --teacher-label")
 
 
 def metric(record, key):
@@ -78,6 +98,7 @@ def summarize(ours, peer, seeds):
     missing = [seed for seed in seeds if seed not in ours or seed not in peer]
     if missing:
         raise SystemExit(f"no pair of runs for seeds {missing}: run step_models_compare.py for them first")
+    check_same_teacher(ours, peer, seeds)
     summary = {"seeds": len(seeds)}
     for key in METRICS:
         mine, theirs = [metric(ours[s], key) for s in seeds], [metric(peer[s], key) for s in seeds]
@@ -102,6 +123,8 @@ def main(argv=None):
     parser.add_argument("--data", choices=("synthetic", "magnetic_tile"), default="synthetic")
     parser.add_argument("--max-steps", type=int, default=None, help="EfficientAD: only runs of this many steps")
     parser.add_argument("--seeds", default="0-39", help="e.g. 0-19 or 0,3,5-9")
+    parser.add_argument("--teacher-label", default=None,
+                        help="EfficientAD: only runs whose teacher has this --teacher-label")
     parser.add_argument("--ours-overrides", nargs="*", default=[], metavar="key=value",
                         help="exactly the --ours-overrides of the runs to take (none: the runs as shipped)")
     parser.add_argument("--results", default=str(results_path("step_models_compare.py")))
