@@ -97,12 +97,6 @@ def teacher_for_anomalib(teacher, work):
     return plain, state.get("recipe")
 
 
-def file_digest(path):
-    import hashlib
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()[:16]
-
-
 def prepare(args, work):
     backbone = args.backbone or ("resnet18" if args.data == "synthetic" else "tf_efficientnet_lite0")
     if args.data == "synthetic":
@@ -130,7 +124,8 @@ def prepare(args, work):
         setup["teacher"] = str(Path(args.teacher).resolve())
         # the file's content, not its path, names the teacher: /tmp/teacher/teacher_small.pth was distilled anew on
         # each machine, and runs with different files at the same path must not be paired
-        setup["teacher_sha256"] = file_digest(args.teacher)
+        from anomaly_detection.export import file_sha256
+        setup["teacher_sha256"] = file_sha256(args.teacher)[:16]
         if not args.skip_peer:
             setup["peer_teacher"], setup["teacher_recipe"] = teacher_for_anomalib(args.teacher, work)
         setup["penalty_dir"] = args.penalty_dir or None
